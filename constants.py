@@ -1,0 +1,112 @@
+"""Every default of the toolkit. Each UPPER_CASE name below is a command-line flag of
+train.py (GEN_* names are flags of generate_images.py, without the prefix): DATA_ROOT is
+--data-root, CONDITIONAL is --conditional/--no-conditional. The comment on each line is
+the flag's --help text. Presets (bottom) override these; flags override presets."""
+
+# --- data -----------------------------------------------------------------------------
+DATA_ROOT = "data/AD_NC"  # image folder: AD_NC/{train,test}/{AD,NC}, class sub-folders, or a flat folder
+DATA_SPLITS = "train"  # comma list of split sub-folders of DATA_ROOT to use when they exist, e.g. train,test
+RESOLUTION = 256  # training resolution, a power of two from 32 to 1024
+IMAGE_MODE = "L"  # L (grayscale, 1 channel) or RGB (3 channels); the model's channels follow
+RESIZE_MODE = "pad"  # pad: pad to square then resize (keeps the anatomy); resize: stretch to square
+HFLIP = True  # random horizontal (left-right) flips of real images
+VFLIP = False  # random vertical flips of real images (seed 000 used them)
+SKIP_BAD_IMAGES = False  # skip and count unreadable images instead of stopping
+LOAD_THREADS = 2  # threads that decode images into the in-memory cache at start
+
+# --- model ----------------------------------------------------------------------------
+Z_DIM = 256  # latent z size
+W_DIM = 256  # style w size
+MAPPING_LAYERS = 8  # fully connected layers in the mapping network
+MAPPING_LR_MULT = 0.01  # learning-rate multiplier of the mapping network
+CHANNEL_BASE = 16384  # feature maps at resolution r are min(CHANNEL_BASE // r, CHANNEL_MAX)
+CHANNEL_MAX = 256  # most feature maps in any layer
+CONDITIONAL = False  # condition G (class embedding) and D (projection) on the class label
+MBSTD_GROUP = 4  # minibatch standard-deviation group size in D
+STYLE_MIXING_PROB = 0.9  # probability of mixing two latents in a training batch
+W_AVG_BETA = 0.995  # decay of the tracked mean w used by truncation
+
+# --- training -------------------------------------------------------------------------
+OUT_DIR = "."  # Models/ and saved_examples/ are created under this folder
+BATCH_SIZE = 32  # images per iteration (global, across all processes)
+EPOCHS = 150  # passes over the training set
+MAX_STEPS = 0  # stop after this many iterations in total (0: no limit)
+G_LR = 0.002  # generator Adam learning rate
+D_LR = 0.002  # discriminator Adam learning rate
+ADAM_BETAS = (0.0, 0.99)  # Adam beta1,beta2
+LR_SCHEDULE = "constant"  # constant | cyclic (triangular, seed 000) | step (decay every LR_STEP_EPOCHS, seed 002)
+LR_CYCLE_STEPS = 2000  # cyclic: iterations from the low to the high learning rate
+LR_CYCLE_MIN = 0.1  # cyclic: lowest learning rate as a fraction of G_LR / D_LR
+LR_STEP_EPOCHS = 100  # step: epochs between learning-rate decays
+LR_STEP_FACTOR = 0.1  # step: factor applied at each decay
+LOSS = "wgan-gp"  # wgan-gp (critic with gradient penalty and drift) | logistic (non-saturating, R1)
+GP_LAMBDA = 10.0  # WGAN-GP gradient-penalty weight
+DRIFT = 0.001  # WGAN-GP drift penalty on real scores
+R1_GAMMA = 10.0  # logistic: R1 penalty weight
+D_REG_INTERVAL = 4  # iterations between D penalties (GP or R1), applied with gain equal to the interval
+PL_WEIGHT = 2.0  # path-length penalty weight (0: off)
+PL_INTERVAL = 16  # iterations between path-length penalties, applied with gain equal to the interval
+PL_DECAY = 0.01  # decay of the running mean path length
+PL_BATCH_SHRINK = 2  # the path-length penalty uses BATCH_SIZE // PL_BATCH_SHRINK images
+EMA_KIMG = 10.0  # half-life of the generator's moving average, in thousands of images
+EMA_RAMPUP = 0.05  # EMA half-life is at most this fraction of the images seen so far (0: off)
+SEED = 0  # seed of every random choice: same seed, same run
+DEVICE = "auto"  # auto (CUDA when present) | cpu | cuda
+SAMPLE_EVERY = 2  # epochs between sample grids from fixed latents
+SAMPLE_COUNT = 16  # images in each sample grid
+CHECKPOINT_EVERY = 4  # epochs between checkpoints
+KEEP_CHECKPOINTS = 3  # newest checkpoints kept in Models/ (0: keep all)
+
+# --- generation (flags of generate_images.py, without the GEN_ prefix) ----------------
+GEN_CHECKPOINT = "Models"  # checkpoint file, or a folder whose newest checkpoint is used
+GEN_OUT_DIR = "saved_examples/generated"  # folder for the generated PNGs, grid and plots
+GEN_N = 16  # number of images when --seeds is not given (seeds 0..N-1)
+GEN_SEEDS = ""  # comma list of seeds, e.g. 1,2,3; each seed gives one image
+GEN_TRUNCATION = 1.0  # truncation psi: 1 is no truncation, 0 gives the mean image
+GEN_LABEL = ""  # class name (AD or NC) for a conditional model; empty: alternate classes
+GEN_NOISE_MODE = "const"  # const (fixed noise maps) | random | none
+GEN_DEVICE = "auto"  # auto | cpu | cuda
+GEN_BATCH = 32  # images generated at once
+
+# --- valid values: checked at the command line, with the flag named in the error -----
+CHOICES = {
+    "IMAGE_MODE": ("L", "RGB"),
+    "RESIZE_MODE": ("pad", "resize"),
+    "LR_SCHEDULE": ("constant", "cyclic", "step"),
+    "LOSS": ("wgan-gp", "logistic"),
+    "DEVICE": ("auto", "cpu", "cuda"),
+    "GEN_NOISE_MODE": ("const", "random", "none"),
+    "GEN_DEVICE": ("auto", "cpu", "cuda"),
+}
+RANGES = {  # inclusive (low, high); None: unbounded
+    "RESOLUTION": (32, 1024), "LOAD_THREADS": (1, None),
+    "Z_DIM": (1, None), "W_DIM": (1, None), "MAPPING_LAYERS": (1, None),
+    "MAPPING_LR_MULT": (1e-6, None), "CHANNEL_BASE": (1, None), "CHANNEL_MAX": (1, None),
+    "MBSTD_GROUP": (1, None), "STYLE_MIXING_PROB": (0, 1), "W_AVG_BETA": (0, 1),
+    "BATCH_SIZE": (1, None), "EPOCHS": (1, None), "MAX_STEPS": (0, None),
+    "G_LR": (0, None), "D_LR": (0, None), "ADAM_BETAS": (0, 0.9999),
+    "LR_CYCLE_STEPS": (1, None), "LR_CYCLE_MIN": (0, 1), "LR_STEP_EPOCHS": (1, None),
+    "LR_STEP_FACTOR": (0, None), "GP_LAMBDA": (0, None), "DRIFT": (0, None),
+    "R1_GAMMA": (0, None), "D_REG_INTERVAL": (1, None), "PL_WEIGHT": (0, None),
+    "PL_INTERVAL": (1, None), "PL_DECAY": (0, 1), "PL_BATCH_SHRINK": (1, None),
+    "EMA_KIMG": (0, None), "EMA_RAMPUP": (0, None), "SEED": (0, 2**63 - 1),
+    "SAMPLE_EVERY": (1, None), "SAMPLE_COUNT": (1, 256), "CHECKPOINT_EVERY": (1, None),
+    "KEEP_CHECKPOINTS": (0, None), "GEN_N": (1, None), "GEN_TRUNCATION": (0, None),
+    "GEN_BATCH": (1, None),
+}
+
+# --- presets: --preset NAME applies these before the flags ----------------------------
+PRESETS = {
+    # Seed 000's setup: ADNI at 256x256, z = w = 256, 8 mapping layers, WGAN-GP every step,
+    # path length every 16 batches, cyclic learning rate, resize + vertical flips.
+    "adni256": dict(RESOLUTION=256, RESIZE_MODE="resize", VFLIP=True, HFLIP=False, Z_DIM=256, W_DIM=256,
+                    MAPPING_LAYERS=8, BATCH_SIZE=32, LOSS="wgan-gp", D_REG_INTERVAL=1,
+                    LR_SCHEDULE="cyclic", G_LR=0.001, D_LR=0.001),
+    # Seed 002's cheap setup: 64x64, z = w = 512, batch 64, phased learning rate 1e-4 -> 1e-5.
+    "adni64": dict(RESOLUTION=64, Z_DIM=512, W_DIM=512, BATCH_SIZE=64, G_LR=1e-4, D_LR=1e-4,
+                   LR_SCHEDULE="step", LR_STEP_EPOCHS=100, LR_STEP_FACTOR=0.1, EPOCHS=150),
+    # A tiny model for tests and CPU checks: 32x32, several iterations per second on 2 cores.
+    "smoke": dict(RESOLUTION=32, Z_DIM=32, W_DIM=32, MAPPING_LAYERS=2, CHANNEL_BASE=512,
+                  CHANNEL_MAX=32, BATCH_SIZE=16, EPOCHS=2, SAMPLE_EVERY=1, CHECKPOINT_EVERY=1,
+                  SAMPLE_COUNT=8, EMA_KIMG=0.5, PL_INTERVAL=4, D_REG_INTERVAL=4),
+}

@@ -1,0 +1,331 @@
+"""StyleGAN2 for brain slices: mapping network, modulated-convolution skip generator, residual
+discriminator with minibatch standard deviation and projection conditioning. Every layer uses
+the equalised learning rate (weights drawn from N(0, 1) and scaled at run time by He's constant)."""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SQRT2 = math.sqrt(2)
+
+
+def lrelu(x):
+    """Leaky ReLU (slope 0.2) with gain sqrt(2), which keeps unit variance."""
+    return F.leaky_relu(x, 0.2) * SQRT2
+
+
+def pixel_norm(x, eps=1e-8):
+    """Normalise each vector to unit root-mean-square."""
+    return x * (x.square().mean(dim=1, keepdim=True) + eps).rsqrt()
+
+
+def upsample2x(x):
+    """Bilinear 2x up-sampling (the [1, 3, 3, 1] filter of StyleGAN2)."""
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+def downsample2x(x):
+    """Anti-aliased 2x down-sampling (the [1, 3, 3, 1] filter of StyleGAN2)."""
+    return F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False, antialias=True)
+
+
+def channels_at(res, channel_base, channel_max):
+    """Feature maps at resolution `res`."""
+    return min(channel_base // res, channel_max)
+
+
+class EqualLinear(nn.Module):
+    """Fully connected layer with equalised learning rate and an optional learning-rate multiplier."""
+
+    def __init__(self, in_features, out_features, bias=True, bias_init=0.0, lr_mult=1.0, activation=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mult)
+        self.bias = nn.Parameter(torch.full([out_features], float(bias_init) / lr_mult)) if bias else None
+        self.scale = lr_mult / math.sqrt(in_features)
+        self.lr_mult = lr_mult
+        self.activation = activation
+
+    def forward(self, x):
+        bias = self.bias * self.lr_mult if self.bias is not None else None
+        x = F.linear(x, self.weight * self.scale, bias)
+        return lrelu(x) if self.activation else x
+
+
+class EqualConv2d(nn.Module):
+    """Convolution with equalised learning rate; `down` halves the resolution first."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, bias=True, activation=True, down=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.scale = 1 / math.sqrt(in_channels * kernel_size**2)
+        self.activation, self.down = activation, down
+
+    def forward(self, x):
+        if self.down:
+            x = downsample2x(x)
+        x = F.conv2d(x, self.weight * self.scale, self.bias, padding=self.weight.shape[-1] // 2)
+        return lrelu(x) if self.activation else x
+
+
+class Blur(nn.Module):
+    """[1, 3, 3, 1] low-pass filter applied per channel (after a strided transposed convolution)."""
+
+    def __init__(self, gain=4.0):
+        super().__init__()
+        k = torch.tensor([1.0, 3.0, 3.0, 1.0])
+        k = torch.outer(k, k)
+        self.register_buffer("kernel", (k / k.sum() * gain)[None, None], persistent=False)
+
+    def forward(self, x):  # (N, C, 2H+1, 2W+1) -> (N, C, 2H, 2W)
+        c = x.shape[1]
+        return F.conv2d(x, self.kernel.expand(c, 1, 4, 4), padding=1, groups=c)
+
+
+class MappingNetwork(nn.Module):
+    """z (and a class label) -> w: pixel norm, then equalised FC layers at a reduced learning rate.
+
+    Tracks the mean w (per class) for the truncation trick."""
+
+    def __init__(self, z_dim, w_dim, num_layers, num_classes=0, lr_mult=0.01, w_avg_beta=0.995):
+        super().__init__()
+        self.num_classes, self.w_avg_beta = num_classes, w_avg_beta
+        self.embed = EqualLinear(num_classes, z_dim) if num_classes else None
+        dims = [z_dim * (2 if num_classes else 1)] + [w_dim] * num_layers
+        self.layers = nn.Sequential(*[EqualLinear(a, b, lr_mult=lr_mult, activation=True)
+                                      for a, b in zip(dims[:-1], dims[1:])])
+        self.register_buffer("w_avg", torch.zeros(max(num_classes, 1), w_dim))
+
+    def forward(self, z, labels=None, truncation=1.0, update_w_avg=False):  # (N, z_dim) -> (N, w_dim)
+        x = pixel_norm(z)
+        if self.num_classes:
+            x = torch.cat([x, pixel_norm(self.embed(F.one_hot(labels, self.num_classes).to(z.dtype)))], dim=1)
+        w = self.layers(x)
+        group = labels if self.num_classes else torch.zeros(len(w), dtype=torch.long, device=w.device)
+        if update_w_avg:
+            self._track_w_avg(w.detach(), group)
+        if truncation != 1:
+            w = self.w_avg[group].lerp(w, truncation)
+        return w
+
+    @torch.no_grad()
+    def _track_w_avg(self, w, group):
+        onehot = F.one_hot(group, len(self.w_avg)).to(w.dtype)  # (N, K)
+        counts = onehot.sum(0)[:, None]
+        means = onehot.T @ w / counts.clamp(min=1)  # (K, w_dim)
+        updated = self.w_avg.lerp(means, 1 - self.w_avg_beta)
+        self.w_avg.copy_(torch.where(counts > 0, updated, self.w_avg))
+
+
+class ModulatedConv2d(nn.Module):
+    """Convolution whose input channels are scaled per sample by a style from w, then demodulated
+    so that each output map has unit expected variance (StyleGAN2's weight demodulation).
+
+    Training uses the cheap form: scale the activations, run an ordinary convolution, scale the
+    output. Inference can use the per-sample grouped-convolution form; both give the same result."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, w_dim, demodulate=True, up=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.scale = 1 / math.sqrt(in_channels * kernel_size**2)
+        self.affine = EqualLinear(w_dim, in_channels, bias_init=1.0)
+        self.demodulate, self.up = demodulate, up
+        self.blur = Blur() if up else None
+
+    def forward(self, x, w, fused=None):  # (N, Cin, H, W), (N, w_dim) -> (N, Cout, H', W')
+        styles = self.affine(w)  # (N, Cin)
+        weight = self.weight * self.scale  # (Cout, Cin, k, k)
+        dcoefs = None
+        if self.demodulate:  # 1/sqrt(sum_{i,k} (w_oik s_i)^2) = 1/sqrt(s^2 @ sum_k w_oik^2)
+            dcoefs = (styles.square() @ weight.square().sum([2, 3]).T + 1e-8).rsqrt()  # (N, Cout)
+        fused = (not self.training) if fused is None else fused
+        x = self._grouped(x, weight, styles, dcoefs) if fused else self._scaled(x, weight, styles, dcoefs)
+        return self.blur(x) if self.up else x
+
+    def _scaled(self, x, weight, styles, dcoefs):
+        x = x * styles[:, :, None, None]
+        if self.up:
+            x = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)
+        else:
+            x = F.conv2d(x, weight, padding=weight.shape[-1] // 2)
+        return x * dcoefs[:, :, None, None] if dcoefs is not None else x
+
+    def _grouped(self, x, weight, styles, dcoefs):
+        n, cin, h, w = x.shape
+        wt = weight[None] * styles[:, None, :, None, None]  # (N, Cout, Cin, k, k)
+        if dcoefs is not None:
+            wt = wt * dcoefs[:, :, None, None, None]
+        cout, k = wt.shape[1], wt.shape[-1]
+        x = x.reshape(1, n * cin, h, w)
+        if self.up:
+            x = F.conv_transpose2d(x, wt.transpose(1, 2).reshape(n * cin, cout, k, k), stride=2, groups=n)
+        else:
+            x = F.conv2d(x, wt.reshape(n * cout, cin, k, k), padding=k // 2, groups=n)
+        return x.reshape(n, cout, *x.shape[2:])
+
+
+class NoiseInjection(nn.Module):
+    """Adds per-pixel Gaussian noise scaled by a learned per-layer strength (starts at zero)."""
+
+    def __init__(self, resolution):
+        super().__init__()
+        self.strength = nn.Parameter(torch.zeros([]))
+        self.register_buffer("const_noise", torch.randn(1, 1, resolution, resolution))
+
+    def forward(self, x, noise_mode="random"):
+        if noise_mode == "none":
+            return x
+        if noise_mode == "const":
+            noise = self.const_noise
+        else:
+            noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
+        return x + noise * self.strength
+
+
+class StyledLayer(nn.Module):
+    """One synthesis layer: modulated 3x3 convolution, noise, bias, leaky ReLU."""
+
+    def __init__(self, in_channels, out_channels, w_dim, resolution, up=False):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channels, out_channels, 3, w_dim, up=up)
+        self.noise = NoiseInjection(resolution)
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+
+    def forward(self, x, w, noise_mode="random"):
+        x = self.noise(self.conv(x, w), noise_mode)
+        return lrelu(x + self.bias[None, :, None, None])
+
+
+class ToImage(nn.Module):
+    """1x1 modulated convolution (no demodulation) from features to the image channels."""
+
+    def __init__(self, in_channels, img_channels, w_dim):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channels, img_channels, 1, w_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(img_channels))
+
+    def forward(self, x, w):
+        return self.conv(x, w) + self.bias[None, :, None, None]
+
+
+class SynthesisBlock(nn.Module):
+    """One resolution of the skip generator: up-sampling conv, conv, and an image output that is
+    added to the up-sampled image of the previous resolution. Uses three w's."""
+
+    def __init__(self, in_channels, out_channels, w_dim, resolution, img_channels):
+        super().__init__()
+        self.conv0 = StyledLayer(in_channels, out_channels, w_dim, resolution, up=True)
+        self.conv1 = StyledLayer(out_channels, out_channels, w_dim, resolution)
+        self.to_img = ToImage(out_channels, img_channels, w_dim)
+
+    def forward(self, x, img, ws, noise_mode="random"):  # x (N, Cin, R/2, R/2) -> (N, Cout, R, R)
+        x = self.conv0(x, ws[:, 0], noise_mode)
+        x = self.conv1(x, ws[:, 1], noise_mode)
+        return x, upsample2x(img) + self.to_img(x, ws[:, 2])
+
+
+class SynthesisNetwork(nn.Module):
+    """Learned 4x4 constant, then one SynthesisBlock per resolution up to the output resolution."""
+
+    def __init__(self, w_dim, resolution, img_channels, channel_base, channel_max):
+        super().__init__()
+        ch = lambda r: channels_at(r, channel_base, channel_max)  # noqa: E731
+        self.const = nn.Parameter(torch.randn(ch(4), 4, 4))
+        self.conv = StyledLayer(ch(4), ch(4), w_dim, 4)
+        self.to_img = ToImage(ch(4), img_channels, w_dim)
+        resolutions = [2**i for i in range(3, int(math.log2(resolution)) + 1)]
+        self.blocks = nn.ModuleList(SynthesisBlock(ch(r // 2), ch(r), w_dim, r, img_channels) for r in resolutions)
+        self.num_ws = 2 + 2 * len(self.blocks)
+
+    def forward(self, ws, noise_mode="random"):  # ws (N, num_ws, w_dim) -> (N, C, R, R)
+        x = self.const[None].expand(ws.shape[0], -1, -1, -1)
+        x = self.conv(x, ws[:, 0], noise_mode)
+        img = self.to_img(x, ws[:, 1])
+        for i, block in enumerate(self.blocks):
+            x, img = block(x, img, ws[:, 1 + 2 * i:4 + 2 * i], noise_mode)
+        return img
+
+
+class Generator(nn.Module):
+    """Mapping network + synthesis network, with style mixing in training and truncation at inference."""
+
+    def __init__(self, z_dim, w_dim, mapping_layers, resolution, img_channels, num_classes=0,
+                 channel_base=16384, channel_max=256, mapping_lr_mult=0.01, w_avg_beta=0.995):
+        super().__init__()
+        self.z_dim, self.num_classes = z_dim, num_classes
+        self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, num_classes, mapping_lr_mult, w_avg_beta)
+        self.synthesis = SynthesisNetwork(w_dim, resolution, img_channels, channel_base, channel_max)
+        self.num_ws = self.synthesis.num_ws
+
+    def make_ws(self, z, labels=None, truncation=1.0, mixing_prob=0.0, update_w_avg=False):
+        """z -> per-layer styles (N, num_ws, w_dim); with probability `mixing_prob` the layers from a
+        random crossover point on take the w of a second random z (style mixing regularisation)."""
+        w = self.mapping(z, labels, truncation, update_w_avg)
+        ws = w[:, None].repeat(1, self.num_ws, 1)
+        if mixing_prob > 0 and torch.rand([]).item() < mixing_prob:
+            cut = int(torch.randint(1, self.num_ws, []).item())
+            w2 = self.mapping(torch.randn_like(z), labels, truncation)
+            ws[:, cut:] = w2[:, None]
+        return ws
+
+    def forward(self, z, labels=None, truncation=1.0, mixing_prob=0.0, noise_mode="random", update_w_avg=False):
+        ws = self.make_ws(z, labels, truncation, mixing_prob, update_w_avg)  # (N, num_ws, w_dim)
+        return self.synthesis(ws, noise_mode)  # (N, C, R, R)
+
+
+class MinibatchStdDev(nn.Module):
+    """Appends the standard deviation of the features across groups of samples as one extra
+    channel, so the discriminator can see a lack of variety (mode collapse)."""
+
+    def __init__(self, group_size=4):
+        super().__init__()
+        self.group_size = group_size
+
+    def forward(self, x):  # (N, C, H, W) -> (N, C + 1, H, W)
+        n, c, h, w = x.shape
+        g = max(d for d in range(1, min(self.group_size, n) + 1) if n % d == 0)
+        y = x.reshape(g, -1, c, h, w)
+        y = (y - y.mean(0)).square().mean(0).add(1e-8).sqrt()  # (N/g, C, H, W)
+        y = y.mean([1, 2, 3]).reshape(-1, 1, 1, 1).repeat(g, 1, h, w)  # (N, 1, H, W)
+        return torch.cat([x, y], dim=1)
+
+
+class DiscriminatorBlock(nn.Module):
+    """Residual block: 3x3 conv, down-sampling 3x3 conv, plus a down-sampled 1x1 skip; sum / sqrt(2)."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.conv0 = EqualConv2d(in_channels, in_channels, 3)
+        self.conv1 = EqualConv2d(in_channels, out_channels, 3, down=True)
+        self.skip = EqualConv2d(in_channels, out_channels, 1, bias=False, activation=False, down=True)
+
+    def forward(self, x):  # (N, Cin, R, R) -> (N, Cout, R/2, R/2)
+        return (self.skip(x) + self.conv1(self.conv0(x))) / SQRT2
+
+
+class Discriminator(nn.Module):
+    """Image -> score: from-image 1x1 conv, residual blocks down to 4x4, minibatch std, conv, FC;
+    conditional models add a projection of the class embedding onto the final features."""
+
+    def __init__(self, resolution, img_channels, num_classes=0, channel_base=16384, channel_max=256, mbstd_group=4):
+        super().__init__()
+        ch = lambda r: channels_at(r, channel_base, channel_max)  # noqa: E731
+        self.num_classes = num_classes
+        self.from_img = EqualConv2d(img_channels, ch(resolution), 1)
+        resolutions = [2**i for i in range(int(math.log2(resolution)), 2, -1)]
+        self.blocks = nn.Sequential(*[DiscriminatorBlock(ch(r), ch(r // 2)) for r in resolutions])
+        self.mbstd = MinibatchStdDev(mbstd_group)
+        self.conv = EqualConv2d(ch(4) + 1, ch(4), 3)
+        self.fc = EqualLinear(ch(4) * 16, ch(4), activation=True)
+        self.out = EqualLinear(ch(4), 1)
+        self.embed = EqualLinear(num_classes, ch(4), bias=False) if num_classes else None
+
+    def forward(self, img, labels=None):  # (N, C, R, R) -> (N,)
+        x = self.blocks(self.from_img(img))  # (N, ch(4), 4, 4)
+        h = self.fc(self.conv(self.mbstd(x)).flatten(1))  # (N, ch(4))
+        score = self.out(h).squeeze(1)
+        if self.num_classes:
+            e = self.embed(F.one_hot(labels, self.num_classes).to(h.dtype))
+            score = score + (e * h).sum(1) / math.sqrt(h.shape[1])
+        return score

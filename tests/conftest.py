@@ -1,0 +1,43 @@
+"""Shared test setup: make the flat-script modules importable and build tiny image folders."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# The tiny test models are far too small to gain from intra-op threads, and on a 2-core machine
+# shared with another busy process, 2 OpenMP threads run ~20x slower than 1 (spinning threads
+# fight over the cores). Override with TEST_TORCH_THREADS=N.
+torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))
+
+
+def write_images(folder, n, size=32, mode="L", seed=0, ext="png", prefix="img"):
+    """Write `n` random images of `size` (int or (w, h)) into `folder`; returns their paths."""
+    from PIL import Image
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    w, h = (size, size) if isinstance(size, int) else size
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        shape = (h, w) if mode == "L" else (h, w, 3)
+        arr = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        path = folder / f"{prefix}{i:03d}.{ext}"
+        Image.fromarray(arr).convert(mode).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def tiny_images(tmp_path):
+    """Factory: tiny_images(relative_folder, n, size=32, mode='L', ext='png') -> list of paths
+    under this test's tmp_path."""
+    def make(folder="images", n=4, size=32, mode="L", ext="png", seed=0, prefix="img"):
+        return write_images(tmp_path / folder, n, size=size, mode=mode, seed=seed, ext=ext, prefix=prefix)
+    return make

@@ -1,0 +1,397 @@
+"""Unit tests of modules.py: equalised learning rate, modulated convolution, minibatch std,
+mapping network truncation, generator and discriminator behaviour."""
+import math
+
+import pytest
+import torch
+
+import modules
+from modules import (Discriminator, EqualLinear, Generator, MappingNetwork, MinibatchStdDev,
+                     ModulatedConv2d)
+
+TINY = dict(resolution=32, channel_base=256, channel_max=16)
+
+
+def tiny_generator(img_channels=1, num_classes=0, z_dim=16, w_dim=16):
+    return Generator(z_dim=z_dim, w_dim=w_dim, mapping_layers=2, img_channels=img_channels,
+                     num_classes=num_classes, **TINY)
+
+
+# ---------------------------------------------------------------------------------------
+# Equalised learning rate
+# ---------------------------------------------------------------------------------------
+def test_equal_linear_keeps_unit_variance():
+    torch.manual_seed(0)
+    layer = EqualLinear(512, 512)
+    x = torch.randn(4096, 512)
+    with torch.no_grad():
+        y = layer(x)
+    assert abs(y.var().item() - 1) < 0.1
+    assert abs(y.mean().item()) < 0.05
+
+
+def test_equal_linear_activation_gain_keeps_second_moment():
+    """lrelu with gain sqrt(2) keeps E[y^2] ~ 1 for unit Gaussian pre-activations."""
+    torch.manual_seed(0)
+    x = torch.randn(1_000_000)
+    y = modules.lrelu(x)
+    assert abs(y.square().mean().item() - (1 + 0.04)) < 0.02  # 2 * (0.5 + 0.5 * 0.2^2) = 1.04
+
+
+@pytest.mark.parametrize("lr_mult", [0.01, 0.1, 1.0])
+def test_equal_linear_lr_mult_storage_and_effective_weight(lr_mult):
+    torch.manual_seed(1)
+    layer = EqualLinear(256, 128, bias_init=0.5, lr_mult=lr_mult)
+    torch.manual_seed(1)
+    raw = torch.randn(128, 256)
+    assert torch.allclose(layer.weight.detach(), raw / lr_mult)
+    effective = layer.weight.detach() * layer.scale
+    assert torch.allclose(effective, raw / math.sqrt(256), atol=1e-6)
+    assert abs(effective.std().item() * math.sqrt(256) - 1) < 0.02
+    # the bias is stored divided by lr_mult and used multiplied by it
+    assert torch.allclose(layer.bias.detach(), torch.full([128], 0.5 / lr_mult))
+    with torch.no_grad():
+        out = layer(torch.zeros(3, 256))
+    assert torch.allclose(out, torch.full([3, 128], 0.5), atol=1e-6)
+
+
+def test_equal_linear_gradient_scaled_by_lr_mult():
+    lr_mult = 0.01
+    torch.manual_seed(3)
+    a = EqualLinear(64, 32, lr_mult=1.0)
+    torch.manual_seed(3)
+    b = EqualLinear(64, 32, lr_mult=lr_mult)
+    x = torch.randn(10, 64)
+    ya, yb = a(x), b(x)
+    assert torch.allclose(ya, yb, atol=1e-5)  # same function
+    target = torch.randn(10, 32)
+    (ya - target).square().sum().backward()
+    (yb - target).square().sum().backward()
+    assert torch.allclose(b.weight.grad, a.weight.grad * lr_mult, rtol=1e-4, atol=1e-9)
+    assert torch.allclose(b.bias.grad, a.bias.grad * lr_mult, rtol=1e-4, atol=1e-9)
+    assert a.weight.grad.abs().sum() > 0
+    # with Adam (invariant to the gradient's scale) the stored weights of both layers move by the
+    # same amount, so the effective weight of the lr_mult layer moves lr_mult times as far
+    eff_a, eff_b = a.weight.detach() * a.scale, b.weight.detach() * b.scale
+    for layer in (a, b):
+        torch.optim.Adam(layer.parameters(), lr=1e-3, eps=1e-12).step()
+    step_a = (a.weight.detach() * a.scale - eff_a).abs().mean()
+    step_b = (b.weight.detach() * b.scale - eff_b).abs().mean()
+    assert (step_b / step_a).item() == pytest.approx(lr_mult, rel=1e-2)  # float32 rounding of ~100-sized weights
+
+
+# ---------------------------------------------------------------------------------------
+# Modulated convolution
+# ---------------------------------------------------------------------------------------
+def _interior_var(y, border=2):
+    return y[:, :, border:-border, border:-border].var().item()
+
+
+@pytest.mark.parametrize("style_scale", [1.0, 3.0])
+def test_modconv_demodulation_gives_unit_variance(style_scale):
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(64, 64, 3, w_dim=32, demodulate=True)
+    with torch.no_grad():
+        conv.affine.weight.mul_(style_scale)
+        conv.affine.bias.mul_(style_scale)
+        x = torch.randn(8, 64, 32, 32)
+        w = torch.randn(8, 32)
+        y = conv(x, w, fused=False)
+    assert 0.85 < _interior_var(y) < 1.15
+
+
+def test_modconv_without_demodulation_is_not_unit_variance():
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(64, 64, 3, w_dim=32, demodulate=False)
+    with torch.no_grad():
+        conv.affine.weight.mul_(3)
+        conv.affine.bias.mul_(3)
+        y = conv(torch.randn(8, 64, 32, 32), torch.randn(8, 32), fused=False)
+    assert _interior_var(y) > 2.0
+
+
+@pytest.mark.parametrize("kernel,up,demodulate", [(3, False, True), (3, True, True), (1, False, False),
+                                                  (3, True, False)])
+def test_modconv_fused_matches_unfused(kernel, up, demodulate):
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(8, 6, kernel, w_dim=16, demodulate=demodulate, up=up)
+    x = torch.randn(3, 8, 8, 8)
+    w = torch.randn(3, 16)
+    with torch.no_grad():
+        a = conv(x, w, fused=True)
+        b = conv(x, w, fused=False)
+    expected_size = 16 if up else 8
+    assert a.shape == (3, 6, expected_size, expected_size)
+    assert torch.allclose(a, b, atol=1e-5)
+    # per-sample styles really matter: swapping the styles of two samples changes the output
+    with torch.no_grad():
+        c = conv(x, w.flip(0), fused=True)
+    assert not torch.allclose(a, c, atol=1e-3)
+
+
+def test_modconv_train_eval_default_paths_agree():
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(8, 8, 3, w_dim=16, up=True)
+    x, w = torch.randn(4, 8, 8, 8), torch.randn(4, 16)
+    with torch.no_grad():
+        train_out = conv.train()(x, w)
+        eval_out = conv.eval()(x, w)
+    assert torch.allclose(train_out, eval_out, atol=1e-5)
+
+
+def test_modconv_default_path_selection(monkeypatch):
+    conv = ModulatedConv2d(4, 4, 3, w_dim=8)
+    calls = []
+    monkeypatch.setattr(conv, "_grouped", lambda *a: calls.append("fused") or a[0])
+    monkeypatch.setattr(conv, "_scaled", lambda *a: calls.append("unfused") or a[0])
+    x, w = torch.randn(2, 4, 4, 4), torch.randn(2, 8)
+    conv.train()(x, w)
+    conv.eval()(x, w)
+    assert calls == ["unfused", "fused"]
+
+
+# ---------------------------------------------------------------------------------------
+# Minibatch standard deviation
+# ---------------------------------------------------------------------------------------
+def test_mbstd_extra_channel_is_mean_std_over_group():
+    torch.manual_seed(0)
+    layer = MinibatchStdDev(group_size=4)
+    x = torch.randn(4, 3, 5, 5)
+    y = layer(x)
+    assert y.shape == (4, 4, 5, 5)
+    assert torch.equal(y[:, :3], x)
+    expected = x.std(dim=0, unbiased=False).mean()
+    assert torch.allclose(y[:, 3], expected.expand(4, 5, 5), atol=1e-5)
+
+
+def test_mbstd_groups_are_separate():
+    """With N=8 and group 4 there are two groups; each sees only its own samples' std."""
+    torch.manual_seed(0)
+    layer = MinibatchStdDev(group_size=4)
+    x = torch.randn(8, 2, 3, 3)
+    x[0::2] = x[0]  # samples 0,2,4,6 identical; 1,3,5,7 vary
+    y = layer(x)[:, -1, 0, 0]
+    # group membership (StyleGAN2 layout): sample i belongs to group i % (N / g)
+    assert torch.allclose(y[0::2], torch.full([4], 1e-4), atol=1e-5)
+    assert (y[1::2] > 0.3).all()
+
+
+def test_mbstd_identical_samples_give_zero():
+    x = torch.randn(1, 3, 4, 4).repeat(4, 1, 1, 1)
+    y = MinibatchStdDev(4)(x)
+    assert torch.allclose(y[:, 3], torch.full([4, 4, 4], 1e-4), atol=1e-5)  # sqrt(1e-8)
+
+
+@pytest.mark.parametrize("n,group,used", [(6, 4, 3), (5, 4, 1), (2, 4, 2), (7, 4, 1), (8, 4, 4)])
+def test_mbstd_batch_not_divisible_by_group(n, group, used):
+    torch.manual_seed(0)
+    x = torch.randn(n, 2, 3, 3)
+    y = MinibatchStdDev(group)(x)
+    assert y.shape == (n, 3, 3, 3)
+    extra = y[:, 2, 0, 0]
+    ngroups = n // used
+    for k in range(ngroups):
+        members = x[k::ngroups]
+        assert len(members) == used
+        expected = members.var(0, unbiased=False).add(1e-8).sqrt().mean()
+        assert torch.allclose(extra[k::ngroups], expected.expand(used), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Mapping network and truncation
+# ---------------------------------------------------------------------------------------
+def test_mapping_truncation_zero_returns_w_avg_unconditional():
+    torch.manual_seed(0)
+    m = MappingNetwork(16, 16, 2)
+    m.w_avg.copy_(torch.randn(1, 16))
+    z = torch.randn(5, 16)
+    w = m(z, truncation=0.0)
+    assert torch.allclose(w, m.w_avg.expand(5, -1))
+    full = m(z)
+    half = m(z, truncation=0.5)
+    assert torch.allclose(half, (full + m.w_avg) / 2, atol=1e-6)
+
+
+def test_mapping_truncation_zero_returns_w_avg_per_class():
+    torch.manual_seed(0)
+    m = MappingNetwork(16, 16, 2, num_classes=3)
+    m.w_avg.copy_(torch.randn(3, 16))
+    labels = torch.tensor([2, 0, 1, 2])
+    w = m(torch.randn(4, 16), labels, truncation=0.0)
+    assert torch.allclose(w, m.w_avg[labels])
+
+
+def test_mapping_update_w_avg_moves_towards_batch_mean():
+    torch.manual_seed(0)
+    beta = 0.9
+    m = MappingNetwork(16, 16, 2, w_avg_beta=beta)
+    m.w_avg.copy_(torch.randn(1, 16))
+    before = m.w_avg.clone()
+    z = torch.randn(6, 16)
+    w = m(z, update_w_avg=True)
+    expected = before + (1 - beta) * (w.mean(0, keepdim=True) - before)
+    assert torch.allclose(m.w_avg, expected, atol=1e-6)
+    # without update_w_avg nothing changes
+    m(z)
+    assert torch.allclose(m.w_avg, expected, atol=1e-6)
+
+
+def test_mapping_conditional_update_only_changes_present_classes():
+    torch.manual_seed(0)
+    beta = 0.5
+    m = MappingNetwork(16, 16, 2, num_classes=3, w_avg_beta=beta)
+    before = torch.randn(3, 16)
+    m.w_avg.copy_(before)
+    labels = torch.tensor([0, 0, 2, 0])
+    w = m(torch.randn(4, 16), labels, update_w_avg=True)
+    assert torch.equal(m.w_avg[1], before[1])
+    mean0 = w[labels == 0].mean(0)
+    mean2 = w[labels == 2].mean(0)
+    assert torch.allclose(m.w_avg[0], before[0] + (1 - beta) * (mean0 - before[0]), atol=1e-6)
+    assert torch.allclose(m.w_avg[2], before[2] + (1 - beta) * (mean2 - before[2]), atol=1e-6)
+
+
+def test_mapping_conditional_label_changes_w():
+    torch.manual_seed(0)
+    m = MappingNetwork(16, 16, 2, num_classes=2)
+    z = torch.randn(3, 16)
+    a = m(z, torch.zeros(3, dtype=torch.long))
+    b = m(z, torch.ones(3, dtype=torch.long))
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# Generator
+# ---------------------------------------------------------------------------------------
+def test_generator_num_ws():
+    G = tiny_generator()
+    assert G.num_ws == 2 * int(math.log2(32)) - 2 == 8
+    assert G.synthesis.num_ws == 8
+    G64 = Generator(z_dim=8, w_dim=8, mapping_layers=1, resolution=64, img_channels=1, channel_base=256,
+                    channel_max=8)
+    assert G64.num_ws == 10
+
+
+def test_generator_every_ws_entry_is_used():
+    """Changing any single per-layer w must change the image (no w is ignored or misindexed)."""
+    torch.manual_seed(0)
+    G = tiny_generator()
+    ws = G.make_ws(torch.randn(1, 16)).detach()
+    batch = ws.repeat(G.num_ws + 1, 1, 1)  # sample 0 unchanged; sample 1 + i has w_i perturbed
+    for i in range(G.num_ws):
+        batch[1 + i, i] += 1.0
+    with torch.no_grad():
+        out = G.synthesis(batch, noise_mode="const")
+    for i in range(G.num_ws):
+        assert not torch.allclose(out[1 + i], out[0], atol=1e-6), f"ws[:, {i}] has no effect"
+
+
+def test_generator_style_mixing_changes_output():
+    G = tiny_generator().eval()
+    torch.manual_seed(5)
+    z = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        plain = G(z, mixing_prob=0.0, noise_mode="const")
+        torch.manual_seed(0)
+        plain2 = G(z, mixing_prob=0.0, noise_mode="const")
+        torch.manual_seed(0)
+        mixed = G(z, mixing_prob=1.0, noise_mode="const")
+    assert torch.equal(plain, plain2)
+    assert not torch.allclose(plain, mixed, atol=1e-5)
+
+
+def test_generator_make_ws_mixing_structure():
+    torch.manual_seed(0)
+    G = tiny_generator()
+    z = torch.randn(3, 16)
+    ws = G.make_ws(z, mixing_prob=1.0)
+    w = G.mapping(z)
+    assert torch.allclose(ws[:, 0], w)  # the first layer always keeps the first latent
+    differs = [not torch.allclose(ws[:, i], w) for i in range(G.num_ws)]
+    cut = differs.index(True)
+    assert 1 <= cut < G.num_ws
+    assert all(differs[cut:])  # every layer from the crossover on uses the second latent
+    ws0 = G.make_ws(z, mixing_prob=0.0)
+    assert torch.allclose(ws0, w[:, None].expand(-1, G.num_ws, -1))
+
+
+def test_generator_noise_modes():
+    torch.manual_seed(0)
+    G = tiny_generator().eval()
+    with torch.no_grad():
+        for mod in G.modules():
+            if isinstance(mod, modules.NoiseInjection):
+                mod.strength.fill_(0.5)  # noise starts at zero strength; make it matter
+    z = torch.randn(2, 16)
+    with torch.no_grad():
+        c1 = G(z, noise_mode="const")
+        c2 = G(z, noise_mode="const")
+        r1 = G(z, noise_mode="random")
+        r2 = G(z, noise_mode="random")
+        n1 = G(z, noise_mode="none")
+    assert torch.equal(c1, c2)
+    assert not torch.allclose(r1, r2, atol=1e-4)
+    assert not torch.allclose(c1, n1, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_generator_output_channels(channels):
+    torch.manual_seed(0)
+    G = tiny_generator(img_channels=channels)
+    with torch.no_grad():
+        img = G(torch.randn(2, 16), noise_mode="const")
+    assert img.shape == (2, channels, 32, 32)
+    assert torch.isfinite(img).all()
+    assert img.std() > 0
+
+
+def test_generator_conditional_label_changes_image():
+    torch.manual_seed(0)
+    G = tiny_generator(num_classes=2).eval()
+    z = torch.randn(2, 16)
+    with torch.no_grad():
+        a = G(z, torch.tensor([0, 0]), noise_mode="const")
+        b = G(z, torch.tensor([1, 1]), noise_mode="const")
+        t = G(z, torch.tensor([0, 1]), truncation=0.0, noise_mode="const")
+    assert not torch.allclose(a, b, atol=1e-5)
+    # truncation 0 with w_avg still zero for both classes: the same image for both labels
+    assert torch.allclose(t[0], t[1], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# Discriminator
+# ---------------------------------------------------------------------------------------
+def test_discriminator_unconditional_shape_and_sample_dependence():
+    torch.manual_seed(0)
+    D = Discriminator(img_channels=1, **TINY)
+    x = torch.randn(4, 1, 32, 32)
+    s = D(x)
+    assert s.shape == (4,)
+    x2 = x.clone()
+    x2[1] += 1.0
+    s2 = D(x2)
+    assert not torch.isclose(s[1], s2[1])
+
+
+def test_discriminator_conditional_projection_depends_on_label():
+    torch.manual_seed(0)
+    D = Discriminator(img_channels=3, num_classes=2, **TINY)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        s0 = D(x, torch.zeros(4, dtype=torch.long))
+        s1 = D(x, torch.ones(4, dtype=torch.long))
+        smix = D(x, torch.tensor([0, 1, 0, 1]))
+    assert s0.shape == (4,)
+    assert not torch.allclose(s0, s1, atol=1e-5)
+    # the label only enters through the per-sample projection
+    assert torch.allclose(smix[0::2], s0[0::2], atol=1e-6)
+    assert torch.allclose(smix[1::2], s1[1::2], atol=1e-6)
+
+
+def test_discriminator_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    D = Discriminator(img_channels=1, num_classes=2, **TINY)
+    D(torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 0, 1])).sum().backward()
+    missing = [n for n, p in D.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []

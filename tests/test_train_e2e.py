@@ -1,0 +1,181 @@
+"""End to end: train.py writes samples, checkpoints and plots; resume is exact; a stop signal saves
+a checkpoint; a non-finite loss stops without touching the last good checkpoint;
+generate_images.py writes what it is asked for, and the same seed gives the same image."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import generate_images
+import train
+import utils
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_classes(root, n=24, res=32, seed=0):
+    """AD_NC-like layout with two classes of random blobs."""
+    rng = np.random.default_rng(seed)
+    for split in ("train", "test"):
+        for c, level in (("AD", 255), ("NC", 120)):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                a = (rng.random((res, res - 2)) * 60).astype(np.uint8)
+                x, y = rng.integers(0, res - 12, 2)
+                a[y:y + 10, x:x + 10] = level
+                Image.fromarray(a).save(d / f"{i}.jpeg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_classes(tmp_path_factory.mktemp("adni") / "AD_NC")
+
+
+def smoke(data, out, *flags):
+    return ["--preset", "smoke", "--data-root", str(data), "--out-dir", str(out), "--batch-size", "8", *flags]
+
+
+def test_train_writes_samples_checkpoints_plot_and_config(data, tmp_path):
+    assert train.main(smoke(data, tmp_path, "--epochs", "2", "--conditional")) == 0
+    samples = tmp_path / "saved_examples" / "32x32"
+    assert (samples / "epoch_0001.png").is_file() and (samples / "epoch_0002.png").is_file()
+    assert (samples / "losses.png").is_file() and (samples / "config.json").is_file()
+    ckpts = utils.list_checkpoints(tmp_path / "Models")
+    assert [p.name for p in ckpts] == ["checkpoint_00000006.pt", "checkpoint_00000012.pt"]  # 48 images / 8
+    state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+    assert state["step"] == 12 and state["epoch"] == 2 and state["class_names"] == ["AD", "NC"]
+    assert len(state["history"]["loss_gen"]) == 12
+    assert state["config"]["conditional"] is True and state["config"]["resolution"] == 32
+
+
+def test_resume_is_exact(data, tmp_path):
+    """3 steps + resume to 7 steps == 7 steps in one go, bit for bit (crossing an epoch boundary)."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(smoke(data, straight, "--max-steps", "7")) == 0
+    assert train.main(smoke(data, split, "--max-steps", "3")) == 0
+    assert train.main(["--resume", "--out-dir", str(split), "--max-steps", "7"]) == 0
+    a, _ = utils.load_checkpoint(straight / "Models")
+    b, _ = utils.load_checkpoint(split / "Models")
+    assert a["step"] == b["step"] == 7 and a["epoch"] == b["epoch"] == 1
+    for net in ("G", "D", "G_ema"):
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs after resume"
+    assert torch.equal(a["history"]["loss_critic"], b["history"]["loss_critic"])
+    assert torch.equal(a["pl_mean"], b["pl_mean"])
+
+
+def test_resume_refuses_changed_architecture(data, tmp_path, capsys):
+    assert train.main(smoke(data, tmp_path, "--max-steps", "1")) == 0
+    assert train.main(["--resume", "--out-dir", str(tmp_path), "--z-dim", "64"]) == 2
+    assert "--z-dim" in capsys.readouterr().err
+
+
+def test_stop_signal_saves_a_checkpoint_and_resume_continues(data, tmp_path, monkeypatch):
+    real_ema_update = train.ema_update
+    calls = []
+
+    def ema_then_signal(*args):
+        real_ema_update(*args)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train, "ema_update", ema_then_signal)
+    assert train.main(smoke(data, tmp_path, "--epochs", "50")) == 128 + signal.SIGTERM
+    assert [p.name for p in utils.list_checkpoints(tmp_path / "Models")] == ["checkpoint_00000002.pt"]
+    monkeypatch.setattr(train, "ema_update", real_ema_update)
+    assert train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "4"]) == 0
+    state, _ = utils.load_checkpoint(tmp_path / "Models")
+    assert state["step"] == 4 and len(state["history"]["loss_gen"]) == 4
+
+
+def test_sigterm_in_a_real_process(data, tmp_path):
+    """The node's time limit (SIGTERM) on a running `python train.py` leaves a resumable checkpoint."""
+    log = open(tmp_path / "log.txt", "w")
+    proc = subprocess.Popen([sys.executable, "train.py", *smoke(data, tmp_path / "run", "--epochs", "1000")],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while "epoch 1/1000" not in (tmp_path / "log.txt").read_text() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    text = (tmp_path / "log.txt").read_text()
+    assert "Traceback" not in text and "continue with --resume" in text
+    state, _ = utils.load_checkpoint(tmp_path / "run" / "Models")
+    assert state["step"] >= 1
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch, capsys):
+    assert train.main(smoke(data, tmp_path, "--max-steps", "6")) == 0  # one epoch: checkpoint at step 6
+    before = (tmp_path / "Models" / "checkpoint_00000006.pt").read_bytes()
+    real_loss, calls = train.d_wgan_loss, []
+
+    def nan_on_third_call(*args):
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train, "d_wgan_loss", nan_on_third_call)
+    assert train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "20"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite loss_critic" in err[0] and "step 8" in err[0]
+    assert utils.list_checkpoints(tmp_path / "Models")[-1].name == "checkpoint_00000006.pt"
+    assert (tmp_path / "Models" / "checkpoint_00000006.pt").read_bytes() == before
+
+
+@pytest.fixture(scope="module")
+def conditional_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cond")
+    assert train.main(smoke(data, out, "--max-steps", "4", "--conditional")) == 0
+    return out
+
+
+def read(path):
+    return np.asarray(Image.open(path))
+
+
+def test_generate_writes_requested_files(conditional_run, tmp_path):
+    out = tmp_path / "gen"
+    rc = generate_images.main(["--checkpoint", str(conditional_run / "Models"), "--out-dir", str(out),
+                               "--seeds", "3,5,8", "--label", "NC"])
+    assert rc == 0
+    assert sorted(p.name for p in out.glob("seed*.png")) == ["seed0003_NC.png", "seed0005_NC.png", "seed0008_NC.png"]
+    assert (out / "grid.png").is_file() and (out / "losses.png").is_file()
+    assert read(out / "seed0003_NC.png").shape == (32, 32)
+
+
+def test_same_seed_same_image(conditional_run, tmp_path):
+    args = ["--checkpoint", str(conditional_run / "Models"), "--seeds", "7,11", "--label", "AD"]
+    assert generate_images.main(args + ["--out-dir", str(tmp_path / "a")]) == 0
+    assert generate_images.main(args + ["--out-dir", str(tmp_path / "b"), "--batch", "1"]) == 0
+    assert generate_images.main(["--checkpoint", str(conditional_run / "Models"), "--seeds", "7",
+                                 "--label", "AD", "--out-dir", str(tmp_path / "c")]) == 0
+    a = read(tmp_path / "a" / "seed0007_AD.png")
+    assert np.array_equal(a, read(tmp_path / "b" / "seed0007_AD.png"))
+    assert np.array_equal(a, read(tmp_path / "c" / "seed0007_AD.png"))
+    assert not np.array_equal(a, read(tmp_path / "a" / "seed0011_AD.png"))
+
+
+def test_truncation_zero_gives_the_class_mean_image(conditional_run, tmp_path):
+    assert generate_images.main(["--checkpoint", str(conditional_run / "Models"), "--out-dir", str(tmp_path),
+                                 "--seeds", "1,2", "--label", "AD", "--truncation", "0"]) == 0
+    assert np.array_equal(read(tmp_path / "seed0001_AD.png"), read(tmp_path / "seed0002_AD.png"))
+
+
+def test_scripts_run_as_commands(conditional_run, tmp_path):
+    gen = subprocess.run([sys.executable, "generate_images.py", "--checkpoint", str(conditional_run / "Models"),
+                          "--out-dir", str(tmp_path), "--n", "2"], cwd=REPO, capture_output=True, text=True)
+    assert gen.returncode == 0, gen.stderr
+    assert len(list(tmp_path.glob("seed*.png"))) == 2
+    bad = subprocess.run([sys.executable, "train.py", "--epochs", "-1"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --epochs must be >= 1, got -1"

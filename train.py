@@ -1,0 +1,338 @@
+"""Train StyleGAN2 on brain MRI slices.
+
+    python train.py                         # settings from constants.py
+    python train.py --preset adni256 --data-root /data/ADNI/AD_NC
+    python train.py --resume                # continue from the newest checkpoint in Models/
+
+Every setting in constants.py is a flag (--help lists them). Ctrl-C or SIGTERM saves a checkpoint
+and exits; --resume continues exactly where it stopped."""
+import copy
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from tqdm import tqdm
+
+import constants
+from dataset import EpochSampler, load_dataset, random_flips, to_model_range
+from modules import Discriminator, Generator
+from utils import (UserError, checkpoint_path, config_dict, d_logistic_loss, d_wgan_loss, describe_device,
+                   ema_beta, ema_update, flag_of, g_nonsaturating_loss, g_wgan_loss, gradient_penalty,
+                   list_checkpoints, load_checkpoint, lr_factor, parse_settings, path_length_penalty,
+                   plot_losses, r1_penalty, resolve_device, resolve_settings, save_checkpoint, save_grid,
+                   save_json, seed_everything)
+
+# Settings that define the network's shape: a resumed run must keep them.
+ARCHITECTURE = ("RESOLUTION", "IMAGE_MODE", "Z_DIM", "W_DIM", "MAPPING_LAYERS", "MAPPING_LR_MULT",
+                "CHANNEL_BASE", "CHANNEL_MAX", "CONDITIONAL", "MBSTD_GROUP")
+HISTORY_KEYS = ("loss_gen", "loss_critic", "gp", "plp", "real_score", "fake_score")
+EXTRA_FLAGS = [
+    (("--preset",), dict(choices=sorted(constants.PRESETS), help="named set of settings from constants.PRESETS")),
+    (("--resume",), dict(action="store_true", help="continue from the newest checkpoint in OUT_DIR/Models")),
+]
+
+
+class Diverged(Exception):
+    """A loss or gradient became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    """-> (config, checkpoint state or None). On --resume the checkpoint's settings are the base."""
+    given, opts = parse_settings(argv, "", __doc__, EXTRA_FLAGS)
+    preset = getattr(opts, "preset", None)
+    if not getattr(opts, "resume", False):
+        cfg = resolve_settings(given, "", preset)
+        cfg.preset = preset
+        return cfg, None
+    out_dir = given.get("OUT_DIR", constants.PRESETS.get(preset, {}).get("OUT_DIR", constants.OUT_DIR))
+    models = Path(out_dir) / "Models"
+    if not list_checkpoints(models):
+        raise UserError(f"--resume: no checkpoint in {models} (set --out-dir to the run's folder)")
+    state, path = load_checkpoint(models)
+    cfg = resolve_settings(given, "", preset, base=state["config"])
+    for name in ARCHITECTURE:
+        old, new = state["config"][name.lower()], getattr(cfg, name.lower())
+        if old != new:
+            raise UserError(f"{flag_of(name)} is {new!r} but {path} was trained with {old!r}; drop it to resume")
+    cfg.preset = preset or state["config"].get("preset")
+    print(f"resuming from {path} (step {state['step']})")
+    return cfg, state
+
+
+# ---------------------------------------------------------------------------------------
+# Models, optimisers, lazy regularisation
+# ---------------------------------------------------------------------------------------
+def reg_intervals(cfg):
+    """Lazy regularisation as data: {network: iterations between its penalty (0: none)}."""
+    d_weight = cfg.gp_lambda if cfg.loss == "wgan-gp" else cfg.r1_gamma
+    return {"G": cfg.pl_interval if cfg.pl_weight > 0 else 0, "D": cfg.d_reg_interval if d_weight > 0 else 0}
+
+
+def lazy_ratio(interval):
+    """A penalty every r steps takes 1/(r+1) of the optimiser steps: Adam's lr and betas use c = r/(r+1)."""
+    return interval / (interval + 1) if interval else 1.0
+
+
+def build_run(cfg, data, device):
+    """Networks, EMA copy and optimisers for a fresh run."""
+    num_classes = len(data.class_names) if cfg.conditional else 0
+    model_args = dict(
+        G=dict(z_dim=cfg.z_dim, w_dim=cfg.w_dim, mapping_layers=cfg.mapping_layers, resolution=cfg.resolution,
+               img_channels=data.channels, num_classes=num_classes, channel_base=cfg.channel_base,
+               channel_max=cfg.channel_max, mapping_lr_mult=cfg.mapping_lr_mult, w_avg_beta=cfg.w_avg_beta),
+        D=dict(resolution=cfg.resolution, img_channels=data.channels, num_classes=num_classes,
+               channel_base=cfg.channel_base, channel_max=cfg.channel_max, mbstd_group=cfg.mbstd_group))
+    G = Generator(**model_args["G"]).to(device)
+    D = Discriminator(**model_args["D"]).to(device)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    intervals = reg_intervals(cfg)
+    betas = {net: tuple(b ** lazy_ratio(intervals[net]) for b in cfg.adam_betas) for net in "GD"}
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.g_lr, betas=betas["G"])
+    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.d_lr, betas=betas["D"])
+    return SimpleNamespace(G=G, D=D, G_ema=G_ema, opt_G=opt_G, opt_D=opt_D, model_args=model_args,
+                           intervals=intervals, class_names=data.class_names, device=device,
+                           pl_mean=torch.zeros([], device=device), step=0, epoch=0, epoch_step=0, nimg=0,
+                           history={k: [] for k in HISTORY_KEYS}, last={})
+
+
+def set_learning_rates(run, cfg):
+    factor = lr_factor(cfg, run.step, run.epoch)
+    for opt, lr, net in ((run.opt_G, cfg.g_lr, "G"), (run.opt_D, cfg.d_lr, "D")):
+        for group in opt.param_groups:
+            group["lr"] = lr * lazy_ratio(run.intervals[net]) * factor
+
+
+# ---------------------------------------------------------------------------------------
+# One iteration: D main, D penalty (lazy), G main, path length (lazy), EMA
+# ---------------------------------------------------------------------------------------
+def optimizer_step(opt, loss):
+    """Backward and step; returns the gradient norm (checked for NaN/inf with the losses)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    opt.step()
+    return norm.detach()
+
+
+def d_step(run, cfg, real, labels, regularize):
+    G, D = run.G, run.D
+    z = torch.randn(len(real), cfg.z_dim, device=real.device)
+    with torch.no_grad():
+        fake = G(z, labels, mixing_prob=cfg.style_mixing_prob)
+    real_pred, fake_pred = D(real, labels), D(fake, labels)
+    if cfg.loss == "wgan-gp":
+        loss = d_wgan_loss(real_pred, fake_pred, cfg.drift)
+    else:
+        loss = d_logistic_loss(real_pred, fake_pred)
+    stats = dict(loss_critic=loss.detach(), real_score=real_pred.mean().detach(),
+                 fake_score=fake_pred.mean().detach(), grad_d=optimizer_step(run.opt_D, loss))
+    if regularize:
+        if cfg.loss == "wgan-gp":
+            penalty, weight = gradient_penalty(lambda x: D(x, labels), real, fake), cfg.gp_lambda
+        else:
+            real = real.detach().requires_grad_(True)
+            penalty, weight = r1_penalty(D(real, labels), real), cfg.r1_gamma / 2
+        stats["grad_d_reg"] = optimizer_step(run.opt_D, penalty * weight * run.intervals["D"])
+        stats["gp"] = penalty.detach()
+    return stats
+
+
+def g_step(run, cfg, labels, batch_size, regularize):
+    G, D = run.G, run.D
+    D.requires_grad_(False)
+    z = torch.randn(batch_size, cfg.z_dim, device=run.device)
+    fake_pred = D(G(z, labels, mixing_prob=cfg.style_mixing_prob, update_w_avg=True), labels)
+    loss = g_wgan_loss(fake_pred) if cfg.loss == "wgan-gp" else g_nonsaturating_loss(fake_pred)
+    stats = dict(loss_gen=loss.detach(), grad_g=optimizer_step(run.opt_G, loss))
+    if regularize:
+        n = max(1, batch_size // cfg.pl_batch_shrink)
+        sub = labels[:n] if labels is not None else None
+        ws = G.make_ws(torch.randn(n, cfg.z_dim, device=run.device), sub, mixing_prob=cfg.style_mixing_prob)
+        penalty, run.pl_mean = path_length_penalty(G.synthesis(ws), ws, run.pl_mean, cfg.pl_decay)
+        stats["grad_g_reg"] = optimizer_step(run.opt_G, penalty * cfg.pl_weight * run.intervals["G"])
+        stats["plp"] = penalty.detach()
+    D.requires_grad_(True)
+    return stats
+
+
+def train_step(run, cfg, data, idx):
+    """One iteration on the batch of dataset indices `idx`; returns {name: float}."""
+    real = random_flips(to_model_range(data.images[idx].to(run.device, non_blocking=True)), cfg.hflip, cfg.vflip)
+    labels = data.labels[idx].to(run.device) if cfg.conditional else None
+    set_learning_rates(run, cfg)
+    due = {net: bool(r) and run.step % r == 0 for net, r in run.intervals.items()}
+    stats = d_step(run, cfg, real, labels, due["D"])
+    stats.update(g_step(run, cfg, labels, len(real), due["G"]))
+    ema_update(run.G_ema, run.G, ema_beta(len(real), cfg.ema_kimg, cfg.ema_rampup, run.nimg))
+    values = dict(zip(stats, torch.stack([v.float() for v in stats.values()]).tolist()))  # one sync
+    for name, value in values.items():
+        if value != value or abs(value) == float("inf"):
+            raise Diverged(f"non-finite {name} ({value}) at step {run.step}")
+    return values
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints and samples
+# ---------------------------------------------------------------------------------------
+def checkpoint_state(run, cfg):
+    """Everything needed to resume exactly, and to generate with no extra flags."""
+    cuda = run.device.type == "cuda"
+    return dict(
+        version=1, config=config_dict(cfg), model_args=run.model_args, class_names=list(run.class_names),
+        G=run.G.state_dict(), D=run.D.state_dict(), G_ema=run.G_ema.state_dict(),
+        opt_G=run.opt_G.state_dict(), opt_D=run.opt_D.state_dict(),
+        step=run.step, epoch=run.epoch, epoch_nimg=run.epoch_step * cfg.batch_size, nimg=run.nimg,
+        pl_mean=run.pl_mean.detach().cpu(),
+        history={k: torch.tensor(v, dtype=torch.float32) for k, v in run.history.items()},
+        rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if cuda else []))
+
+
+def restore(run, state, cfg, data):
+    if state["class_names"] != list(data.class_names) and cfg.conditional:
+        raise UserError(f"--data-root classes {data.class_names} differ from the checkpoint's {state['class_names']}")
+    for name in ("G", "D", "G_ema", "opt_G", "opt_D"):
+        getattr(run, name).load_state_dict(state[name])
+    run.step, run.epoch, run.nimg = state["step"], state["epoch"], state["nimg"]
+    run.epoch_step = state["epoch_nimg"] // cfg.batch_size
+    run.pl_mean = state["pl_mean"].to(run.device)
+    run.history = {k: state["history"][k].tolist() if k in state["history"] else [] for k in HISTORY_KEYS}
+    torch.set_rng_state(state["rng"]["torch"])
+    if run.device.type == "cuda" and len(state["rng"]["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def fixed_latents(cfg, num_classes, device):
+    """The latents of every sample grid: the same for every grid of a run (seeded by SEED)."""
+    z = torch.randn(cfg.sample_count, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    labels = (torch.arange(cfg.sample_count) * num_classes // cfg.sample_count).to(device) if num_classes else None
+    return z, labels
+
+
+@torch.no_grad()
+def save_samples(run, latents, path):
+    z, labels = latents
+    save_grid(run.G_ema(z, labels, noise_mode="const"), path, ncol=8)
+
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM into a flag checked after each iteration; a second signal stops at once."""
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this iteration", file=sys.stderr)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------
+def train(cfg, state=None):
+    """Train until EPOCHS (or MAX_STEPS) or a stop signal. Returns the exit status."""
+    device = resolve_device(cfg.device)
+    print(f"device: {describe_device(device)}")
+    data = load_dataset(cfg.data_root, [s for s in cfg.data_splits.split(",") if s], cfg.resolution,
+                        cfg.image_mode, cfg.resize_mode, cfg.skip_bad_images, cfg.load_threads)
+    print(f"data: {cfg.data_root}: {data.summary()}")
+    if cfg.conditional and len(data.class_names) < 2:
+        raise UserError(f"--conditional needs at least two class sub-folders in {cfg.data_root}")
+    sampler = EpochSampler(len(data), cfg.batch_size, cfg.seed)
+    if sampler.steps_per_epoch == 0:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the data set ({len(data)} images)")
+    seed_everything(cfg.seed)
+    run = build_run(cfg, data, device)
+    if state is not None:
+        restore(run, state, cfg, data)
+    if run.epoch_step >= sampler.steps_per_epoch:
+        run.epoch, run.epoch_step = run.epoch + 1, 0
+    out = Path(cfg.out_dir)
+    models, samples = out / "Models", out / "saved_examples" / f"{cfg.resolution}x{cfg.resolution}"
+    save_json(config_dict(cfg), samples / "config.json")
+    latents = fixed_latents(cfg, run.model_args["G"]["num_classes"], device)
+    print(f"G {sum(p.numel() for p in run.G.parameters()) / 1e6:.2f}M params, "
+          f"D {sum(p.numel() for p in run.D.parameters()) / 1e6:.2f}M params; "
+          f"{sampler.steps_per_epoch} iterations per epoch; outputs in {models} and {samples}")
+
+    def save():
+        path = checkpoint_path(models, run.step)
+        if not path.exists():
+            save_checkpoint(checkpoint_state(run, cfg), path, cfg.keep_checkpoints)
+        plot_losses(run.history, samples / "losses.png")
+        return path
+
+    with StopSignal() as stop:
+        finished = False
+        while run.epoch < cfg.epochs and not finished and stop.signum is None:
+            finished = run_epoch(run, cfg, data, sampler, stop)
+            if run.epoch_step == sampler.steps_per_epoch:
+                run.epoch, run.epoch_step = run.epoch + 1, 0
+                if run.epoch % cfg.sample_every == 0:
+                    save_samples(run, latents, samples / f"epoch_{run.epoch:04d}.png")
+                if run.epoch % cfg.checkpoint_every == 0:
+                    save()
+        if stop.signum is not None:
+            path = save()
+            print(f"stopped at step {run.step}; checkpoint {path}; continue with --resume", file=sys.stderr)
+            return 128 + stop.signum
+    save_samples(run, latents, samples / f"step_{run.step:08d}.png")
+    path = save()
+    print(f"done: {run.step} iterations, {run.nimg} images; checkpoint {path}; samples and losses.png in {samples}")
+    return 0
+
+
+def run_epoch(run, cfg, data, sampler, stop):
+    """Train over the rest of the current epoch; returns True when MAX_STEPS is reached."""
+    bar = tqdm(total=sampler.steps_per_epoch, initial=run.epoch_step, desc=f"epoch {run.epoch + 1}/{cfg.epochs}",
+               dynamic_ncols=True, file=sys.stdout)
+    try:
+        for idx in sampler.batches(run.epoch, run.epoch_step):
+            if cfg.max_steps and run.step >= cfg.max_steps:
+                return True
+            values = train_step(run, cfg, data, idx)
+            for key in HISTORY_KEYS:
+                run.history[key].append(values.get(key, float("nan")))
+            run.last.update({k: values[k] for k in ("gp", "loss_critic", "loss_gen", "plp") if k in values})
+            bar.set_postfix({k: f"{v:.3g}" for k, v in run.last.items()}, refresh=False)
+            bar.update()
+            run.step, run.epoch_step, run.nimg = run.step + 1, run.epoch_step + 1, run.nimg + len(idx)
+            if stop.signum is not None:
+                return False
+        return bool(cfg.max_steps) and run.step >= cfg.max_steps
+    finally:
+        bar.close()
+
+
+def main(argv=None):
+    try:
+        cfg, state = parse_args(argv)
+        return train(cfg, state)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Diverged as e:
+        print(f"error: {e}; stopped without saving (the last checkpoint is intact)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

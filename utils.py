@@ -1,0 +1,349 @@
+"""Settings and command line, losses and penalties, EMA, seeding, checkpoints, image grids and plots."""
+import argparse
+import ast
+import io
+import json
+import math
+import os
+import random
+import tokenize
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import constants
+
+CHECKPOINT_GLOB = "checkpoint_*.pt"
+
+
+class UserError(Exception):
+    """Bad input or settings: reported as one line on stderr, exit status 2, no traceback."""
+
+
+# ---------------------------------------------------------------------------------------
+# Settings: constants.py -> argparse flags -> a config namespace
+# ---------------------------------------------------------------------------------------
+def setting_comments():
+    """{NAME: comment} for each `NAME = value  # comment` line of constants.py (the --help text)."""
+    source = Path(constants.__file__).read_text()
+    comments = {tok.start[0]: tok.string.lstrip("# ").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    names = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            names[node.targets[0].id] = comments.get(node.lineno, "")
+    return names
+
+
+def setting_names(prefix):
+    """Names of the settings of one script: GEN_* for generate_images.py, the rest for train.py."""
+    return [n for n, v in vars(constants).items()
+            if n.isupper() and not isinstance(v, dict) and n.startswith(prefix)
+            and (prefix or not n.startswith("GEN_"))]
+
+
+def flag_of(name):
+    """DATA_ROOT -> --data-root; GEN_SEEDS -> --seeds."""
+    return "--" + name.removeprefix("GEN_").lower().replace("_", "-")
+
+
+def _float_tuple(text):
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UserError (one line) instead of printing the usage and exiting."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def build_parser(prefix, description, extra=()):
+    """A parser with one flag per setting; `extra` is a list of (flags, kwargs) for non-settings."""
+    parser = _Parser(description=description, argument_default=argparse.SUPPRESS,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = setting_comments()
+    for flags, kwargs in extra:
+        parser.add_argument(*flags, **kwargs)
+    for name in setting_names(prefix):
+        default = getattr(constants, name)
+        kwargs = dict(dest=name, help=f"{helps.get(name, '')} (default: {default!r})")
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, tuple):
+            kwargs.update(type=_float_tuple, metavar="A,B")
+        else:
+            kwargs.update(type=type(default), metavar=type(default).__name__.upper())
+        if name in constants.CHOICES:
+            kwargs.update(choices=constants.CHOICES[name], metavar=None)
+        parser.add_argument(flag_of(name), **kwargs)
+    return parser
+
+
+def check_settings(values):
+    """Raise UserError naming the flag for a value out of range. `values`: {NAME: value}."""
+    for name, value in values.items():
+        low, high = constants.RANGES.get(name, (None, None))
+        for v in (value if isinstance(value, tuple) else (value,)):
+            if (low is not None and v < low) or (high is not None and v > high):
+                bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+                raise UserError(f"{flag_of(name)} must be {bounds}, got {value!r}")
+    res = values.get("RESOLUTION")
+    if res is not None and res & (res - 1):
+        raise UserError(f"--resolution must be a power of two, got {res}")
+    if "ADAM_BETAS" in values and len(values["ADAM_BETAS"]) != 2:
+        raise UserError(f"--adam-betas needs two numbers, got {values['ADAM_BETAS']!r}")
+
+
+def parse_settings(argv, prefix, description, extra=()):
+    """Parse argv into (settings {NAME: value} given explicitly, other options namespace)."""
+    args = vars(build_parser(prefix, description, extra).parse_args(argv))
+    names = set(setting_names(prefix))
+    given = {k: v for k, v in args.items() if k in names}
+    others = SimpleNamespace(**{k: v for k, v in args.items() if k not in names})
+    return given, others
+
+
+def resolve_settings(given, prefix, preset=None, base=None):
+    """Defaults (or `base`) <- preset <- explicit flags; checked; returned as a lower-case namespace."""
+    values = {n: getattr(constants, n) for n in setting_names(prefix)}
+    values.update({k.upper(): v for k, v in (base or {}).items() if k.upper() in values})
+    if preset is not None:
+        values.update(constants.PRESETS[preset])
+    values.update(given)
+    check_settings(values)
+    return SimpleNamespace(**{k.removeprefix("GEN_").lower(): v for k, v in values.items()})
+
+
+def config_dict(cfg):
+    """A plain dict of a config namespace (for checkpoints and JSON)."""
+    return dict(vars(cfg))
+
+
+def save_json(obj, path):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2, default=list) + "\n")
+
+
+def resolve_device(name, flag="--device"):
+    """'auto' -> cuda when present, else cpu; asking for CUDA without one is a UserError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{flag} cuda: CUDA is not available on this machine (use {flag} cpu)")
+    return torch.device(name)
+
+
+def describe_device(device):
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------
+# Losses and penalties (pure functions of scores, images and latents)
+# ---------------------------------------------------------------------------------------
+def d_wgan_loss(real_pred, fake_pred, drift):
+    """WGAN critic loss with a drift term that keeps real scores near zero."""
+    return fake_pred.mean() - real_pred.mean() + drift * real_pred.square().mean()
+
+
+def g_wgan_loss(fake_pred):
+    """WGAN generator loss: -D(G(z))."""
+    return -fake_pred.mean()
+
+
+def d_logistic_loss(real_pred, fake_pred):
+    """Non-saturating logistic discriminator loss (StyleGAN2's default)."""
+    return F.softplus(fake_pred).mean() + F.softplus(-real_pred).mean()
+
+
+def g_nonsaturating_loss(fake_pred):
+    """Non-saturating logistic generator loss."""
+    return F.softplus(-fake_pred).mean()
+
+
+def gradient_penalty(critic, real, fake):
+    """WGAN-GP: E[(||grad critic(x_hat)|| - 1)^2] at random points between real and fake images."""
+    alpha = torch.rand(real.size(0), 1, 1, 1, device=real.device, dtype=real.dtype)
+    x_hat = alpha * real.detach() + (1 - alpha) * fake.detach()
+    x_hat.requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
+    return (grad.flatten(1).norm(dim=1) - 1).square().mean()
+
+
+def r1_penalty(real_pred, real_img):
+    """R1: E[||grad D(x)||^2] on real images (`real_img` must require grad)."""
+    (grad,) = torch.autograd.grad(real_pred.sum(), real_img, create_graph=True)
+    return grad.square().flatten(1).sum(1).mean()
+
+
+def path_length_penalty(fake_img, ws, pl_mean, decay):
+    """Path-length penalty: (|J^T y| - a)^2 with y random image-space noise and `a` its running mean.
+
+    Returns (penalty, new running mean)."""
+    noise = torch.randn_like(fake_img) / math.sqrt(fake_img.shape[2] * fake_img.shape[3])
+    (grad,) = torch.autograd.grad((fake_img * noise).sum(), ws, create_graph=True)
+    lengths = grad.square().sum(2).mean(1).sqrt()  # (N, num_ws, w_dim) -> (N,)
+    new_mean = pl_mean.lerp(lengths.mean().detach(), decay)
+    return (lengths - new_mean).square().mean(), new_mean
+
+
+# ---------------------------------------------------------------------------------------
+# Exponential moving average of the generator
+# ---------------------------------------------------------------------------------------
+def ema_beta(batch_size, ema_kimg, rampup, nimg):
+    """Per-step decay of a moving average with a half-life of `ema_kimg` thousand images,
+    ramped up to at most `rampup` x the images seen so far."""
+    ema_nimg = ema_kimg * 1000
+    if rampup > 0:
+        ema_nimg = min(ema_nimg, nimg * rampup)
+    return 0.5 ** (batch_size / max(ema_nimg, 1e-8))
+
+
+@torch.no_grad()
+def ema_update(ema_model, model, beta):
+    """ema <- beta * ema + (1 - beta) * model for parameters; buffers are copied."""
+    ema_params = list(ema_model.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - beta)
+    for b_ema, b in zip(ema_model.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+# ---------------------------------------------------------------------------------------
+# Learning-rate schedules (a pure function of the position in training, so resume is exact)
+# ---------------------------------------------------------------------------------------
+def lr_factor(cfg, step, epoch):
+    """Multiplier of the base learning rate at iteration `step` of epoch `epoch` (0-based)."""
+    if cfg.lr_schedule == "cyclic":  # triangular: low -> high over LR_CYCLE_STEPS, then back
+        phase = (step / cfg.lr_cycle_steps) % 2
+        return cfg.lr_cycle_min + (1 - cfg.lr_cycle_min) * (1 - abs(phase - 1))
+    if cfg.lr_schedule == "step":
+        return cfg.lr_step_factor ** (epoch // cfg.lr_step_epochs)
+    return 1.0
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: atomic write, keep the newest K, safe load
+# ---------------------------------------------------------------------------------------
+def checkpoint_path(models_dir, step):
+    return Path(models_dir) / f"checkpoint_{step:08d}.pt"
+
+
+def list_checkpoints(models_dir):
+    return sorted(Path(models_dir).glob(CHECKPOINT_GLOB))
+
+
+def save_checkpoint(state, path, keep=0):
+    """Write to a temporary file, fsync, then rename over `path`; then keep only the newest `keep`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if keep > 0:
+        for old in list_checkpoints(path.parent)[:-keep]:
+            old.unlink()
+    return path
+
+
+def load_checkpoint(path):
+    """Load a checkpoint with weights_only=True (no code runs); any failure is a UserError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise UserError(f"no checkpoint ({CHECKPOINT_GLOB}) in {path}")
+        path = found[-1]
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line error
+        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or "model_args" not in state:
+        raise UserError(f"{path} is not a checkpoint of this toolkit")
+    return state, path
+
+
+# ---------------------------------------------------------------------------------------
+# Images and plots
+# ---------------------------------------------------------------------------------------
+def to_uint8(images):
+    """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8 array."""
+    x = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def save_image(image, path):
+    """Save one (C, H, W) image in [-1, 1] as PNG (grayscale when C == 1)."""
+    from PIL import Image
+    arr = to_uint8(image[None])[0]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(path)
+
+
+def save_grid(images, path, ncol=8, pad=2):
+    """Tile (N, C, H, W) images in [-1, 1] into one PNG with `ncol` columns."""
+    from PIL import Image
+    arr = to_uint8(images)
+    n, h, w, c = arr.shape
+    ncol = min(ncol, n)
+    nrow = math.ceil(n / ncol)
+    grid = np.zeros((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), np.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = arr[i]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+
+
+def smooth(values, window):
+    """Moving average that ignores NaN (steps where a penalty was not computed)."""
+    v = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(v)
+    kernel = np.ones(window)
+    num = np.convolve(np.where(ok, v, 0), kernel, mode="same")
+    den = np.convolve(ok.astype(np.float64), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return num / den
+
+
+def plot_losses(history, path):
+    """Generator and discriminator losses per iteration: raw (faint) and smoothed, one panel each."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("loss_gen", "generator loss"), ("loss_critic", "discriminator loss")]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 6), sharex=True)
+    for ax, (key, title) in zip(axes, panels):
+        values = np.asarray(history.get(key, []), dtype=np.float64)
+        steps = np.arange(1, len(values) + 1)
+        if len(values):
+            ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8, label="per iteration")
+            ax.plot(steps, smooth(values, max(1, len(values) // 50)), color="tab:blue", label="smoothed")
+        ax.set_title(title)
+        ax.set_ylabel("loss")
+        ax.legend(loc="upper right")
+    axes[-1].set_xlabel("iteration")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
