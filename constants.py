@@ -5,12 +5,15 @@ the flag's --help text. Presets (bottom) override these; flags override presets.
 
 # --- data -----------------------------------------------------------------------------
 DATA_ROOT = "data/AD_NC"  # image folder: AD_NC/{train,test}/{AD,NC}, class sub-folders, or a flat folder
+DEMO_ROOT = "data/demo/AD_NC"  # where the built-in demo set (from the MNI152 brain template) is built on first use
+DEMO_ATROPHY = 1.0  # strength of the simulated atrophy of the demo set's AD class (0: none)
 DATA_SPLITS = "train"  # comma list of split sub-folders of DATA_ROOT to use when they exist, e.g. train,test
 RESOLUTION = 256  # training resolution, a power of two from 32 to 1024
 IMAGE_MODE = "L"  # L (grayscale, 1 channel) or RGB (3 channels); the model's channels follow
 RESIZE_MODE = "pad"  # pad: pad to square then resize (keeps the anatomy); resize: stretch to square
 HFLIP = True  # random horizontal (left-right) flips of real images
 VFLIP = False  # random vertical flips of real images (seed 000 used them)
+SLICE_RANGE = (0.0, 1.0)  # NIfTI volumes: axial slices from LO to HI (fractions of the height) that contain brain
 SKIP_BAD_IMAGES = False  # skip and count unreadable images instead of stopping
 LOAD_THREADS = 2  # threads that decode images into the in-memory cache at start
 
@@ -79,7 +82,7 @@ CHOICES = {
     "GEN_DEVICE": ("auto", "cpu", "cuda"),
 }
 RANGES = {  # inclusive (low, high); None: unbounded
-    "RESOLUTION": (32, 1024), "LOAD_THREADS": (1, None),
+    "RESOLUTION": (32, 1024), "SLICE_RANGE": (0, 1), "DEMO_ATROPHY": (0, None), "LOAD_THREADS": (1, None),
     "Z_DIM": (1, None), "W_DIM": (1, None), "MAPPING_LAYERS": (1, None),
     "MAPPING_LR_MULT": (1e-6, None), "CHANNEL_BASE": (1, None), "CHANNEL_MAX": (1, None),
     "MBSTD_GROUP": (1, None), "STYLE_MIXING_PROB": (0, 1), "W_AVG_BETA": (0, 1),
@@ -97,6 +100,9 @@ RANGES = {  # inclusive (low, high); None: unbounded
 
 # --- presets: --preset NAME applies these before the flags ----------------------------
 PRESETS = {
+    # The built-in demo set at 64x64 with a small model: trains on a 2-core CPU in about 10 minutes.
+    "demo": dict(DATA_ROOT=DEMO_ROOT, RESOLUTION=64, CHANNEL_BASE=1024, CHANNEL_MAX=64, Z_DIM=64, W_DIM=64,
+                 MAPPING_LAYERS=4, BATCH_SIZE=16, EPOCHS=3, SAMPLE_EVERY=1, CHECKPOINT_EVERY=1),
     # Seed 000's setup: ADNI at 256x256, z = w = 256, 8 mapping layers, WGAN-GP every step,
     # path length every 16 batches, cyclic learning rate, resize + vertical flips.
     "adni256": dict(RESOLUTION=256, RESIZE_MODE="resize", VFLIP=True, HFLIP=False, Z_DIM=256, W_DIM=256,

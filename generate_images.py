@@ -11,7 +11,16 @@ from pathlib import Path
 import torch
 
 from modules import Generator
-from utils import UserError, load_checkpoint, parse_settings, plot_losses, resolve_device, resolve_settings, save_grid, save_image
+from utils import (
+    UserError,
+    load_checkpoint,
+    parse_settings,
+    plot_losses,
+    resolve_device,
+    resolve_settings,
+    save_grid,
+    save_image,
+)
 
 
 def parse_seeds(cfg):

@@ -7,6 +7,7 @@
 Every setting in constants.py is a flag (--help lists them). Ctrl-C or SIGTERM saves a checkpoint
 and exits; --resume continues exactly where it stopped."""
 import copy
+import math
 import signal
 import sys
 import threading
@@ -17,13 +18,35 @@ import torch
 from tqdm import tqdm
 
 import constants
-from dataset import EpochSampler, load_dataset, random_flips, to_model_range
+from dataset import EpochSampler, ensure_demo_dataset, load_dataset, random_flips, to_model_range
 from modules import Discriminator, Generator
-from utils import (UserError, checkpoint_path, config_dict, d_logistic_loss, d_wgan_loss, describe_device,
-                   ema_beta, ema_update, flag_of, g_nonsaturating_loss, g_wgan_loss, gradient_penalty,
-                   list_checkpoints, load_checkpoint, lr_factor, parse_settings, path_length_penalty,
-                   plot_losses, r1_penalty, resolve_device, resolve_settings, save_checkpoint, save_grid,
-                   save_json, seed_everything)
+from utils import (
+    UserError,
+    checkpoint_path,
+    config_dict,
+    d_logistic_loss,
+    d_wgan_loss,
+    describe_device,
+    ema_beta,
+    ema_update,
+    flag_of,
+    g_nonsaturating_loss,
+    g_wgan_loss,
+    gradient_penalty,
+    list_checkpoints,
+    load_checkpoint,
+    lr_factor,
+    parse_settings,
+    path_length_penalty,
+    plot_losses,
+    r1_penalty,
+    resolve_device,
+    resolve_settings,
+    save_checkpoint,
+    save_grid,
+    save_json,
+    seed_everything,
+)
 
 # Settings that define the network's shape: a resumed run must keep them.
 ARCHITECTURE = ("RESOLUTION", "IMAGE_MODE", "Z_DIM", "W_DIM", "MAPPING_LAYERS", "MAPPING_LR_MULT",
@@ -173,7 +196,7 @@ def train_step(run, cfg, data, idx):
     ema_update(run.G_ema, run.G, ema_beta(len(real), cfg.ema_kimg, cfg.ema_rampup, run.nimg))
     values = dict(zip(stats, torch.stack([v.float() for v in stats.values()]).tolist()))  # one sync
     for name, value in values.items():
-        if value != value or abs(value) == float("inf"):
+        if not math.isfinite(value):
             raise Diverged(f"non-finite {name} ({value}) at step {run.step}")
     return values
 
@@ -247,12 +270,23 @@ class StopSignal:
 # ---------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------
+def load_training_data(cfg):
+    """The training slices; the demo set is built first when DATA_ROOT is DEMO_ROOT and it is missing."""
+    if Path(cfg.data_root) == Path(cfg.demo_root):
+        ensure_demo_dataset(cfg.demo_root, atrophy=cfg.demo_atrophy)
+    elif not Path(cfg.data_root).exists():
+        raise UserError(f"data folder not found: {cfg.data_root} (set --data-root or DATA_ROOT in constants.py, "
+                        f"or train on the built-in demo data with --preset demo)")
+    return load_dataset(cfg.data_root, [s for s in cfg.data_splits.split(",") if s], cfg.resolution,
+                        cfg.image_mode, cfg.resize_mode, cfg.skip_bad_images, cfg.load_threads,
+                        slice_range=cfg.slice_range)
+
+
 def train(cfg, state=None):
     """Train until EPOCHS (or MAX_STEPS) or a stop signal. Returns the exit status."""
     device = resolve_device(cfg.device)
     print(f"device: {describe_device(device)}")
-    data = load_dataset(cfg.data_root, [s for s in cfg.data_splits.split(",") if s], cfg.resolution,
-                        cfg.image_mode, cfg.resize_mode, cfg.skip_bad_images, cfg.load_threads)
+    data = load_training_data(cfg)
     print(f"data: {cfg.data_root}: {data.summary()}")
     if cfg.conditional and len(data.class_names) < 2:
         raise UserError(f"--conditional needs at least two class sub-folders in {cfg.data_root}")

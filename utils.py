@@ -55,7 +55,7 @@ def _float_tuple(text):
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,7 +68,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(prefix, description, extra=()):
     """A parser with one flag per setting; `extra` is a list of (flags, kwargs) for non-settings."""
     parser = _Parser(description=description, argument_default=argparse.SUPPRESS,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     helps = setting_comments()
     for flags, kwargs in extra:
         parser.add_argument(*flags, **kwargs)
@@ -98,8 +98,12 @@ def check_settings(values):
     res = values.get("RESOLUTION")
     if res is not None and res & (res - 1):
         raise UserError(f"--resolution must be a power of two, got {res}")
-    if "ADAM_BETAS" in values and len(values["ADAM_BETAS"]) != 2:
-        raise UserError(f"--adam-betas needs two numbers, got {values['ADAM_BETAS']!r}")
+    for name in ("ADAM_BETAS", "SLICE_RANGE"):
+        if name in values and len(values[name]) != 2:
+            raise UserError(f"{flag_of(name)} needs two comma-separated numbers, got {values[name]!r}")
+    lo, hi = values.get("SLICE_RANGE", (0, 1))
+    if lo >= hi:
+        raise UserError(f"--slice-range needs LO < HI, got {lo},{hi}")
 
 
 def parse_settings(argv, prefix, description, extra=()):

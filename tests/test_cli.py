@@ -6,13 +6,13 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import write_images
 from PIL import Image
 
 import constants
 import generate_images
 import train
 import utils
-from conftest import write_images
 
 SMOKE = ["--preset", "smoke", "--device", "cpu"]
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import modules
-from modules import (Discriminator, EqualLinear, Generator, MappingNetwork, MinibatchStdDev,
-                     ModulatedConv2d)
+from modules import Discriminator, EqualLinear, Generator, MappingNetwork, MinibatchStdDev, ModulatedConv2d
 
 TINY = dict(resolution=32, channel_base=256, channel_max=16)
 
