@@ -5,10 +5,10 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import write_images
 from PIL import Image
 
 import dataset
-from conftest import write_images
 from utils import UserError
 
 
