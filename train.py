@@ -244,6 +244,13 @@ def save_samples(run, latents, path):
     save_grid(run.G_ema(z, labels, noise_mode="const"), path, ncol=8)
 
 
+def save_reals(data, cfg, path):
+    """A grid of training slices as the model sees them (a seeded choice, class by class)."""
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.sample_count]
+    pick = pick[torch.argsort(data.labels[pick], stable=True)]
+    save_grid(to_model_range(data.images[pick]), path, ncol=8)
+
+
 class StopSignal:
     """Turns SIGINT/SIGTERM into a flag checked after each iteration; a second signal stops at once."""
 
@@ -302,6 +309,7 @@ def train(cfg, state=None):
     out = Path(cfg.out_dir)
     models, samples = out / "Models", out / "saved_examples" / f"{cfg.resolution}x{cfg.resolution}"
     save_json(config_dict(cfg), samples / "config.json")
+    save_reals(data, cfg, samples / "reals.png")
     latents = fixed_latents(cfg, run.model_args["G"]["num_classes"], device)
     print(f"G {sum(p.numel() for p in run.G.parameters()) / 1e6:.2f}M params, "
           f"D {sum(p.numel() for p in run.D.parameters()) / 1e6:.2f}M params; "
@@ -366,6 +374,9 @@ def main(argv=None):
     except Diverged as e:
         print(f"error: {e}; stopped without saving (the last checkpoint is intact)", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C while stopping
+        print("\ninterrupted; nothing saved (checkpoints already written are intact)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

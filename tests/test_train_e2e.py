@@ -49,6 +49,11 @@ def test_train_writes_samples_checkpoints_plot_and_config(data, tmp_path):
     samples = tmp_path / "saved_examples" / "32x32"
     assert (samples / "epoch_0001.png").is_file() and (samples / "epoch_0002.png").is_file()
     assert (samples / "losses.png").is_file() and (samples / "config.json").is_file()
+    reals = np.asarray(Image.open(samples / "reals.png"))  # 8 training slices (smoke preset), one row
+    assert reals.shape == (2 + 34, 2 + 8 * 34)
+    tile_max = [int(reals[2:34, 2 + 34 * i:34 + 34 * i].max()) for i in range(8)]
+    is_ad = [m > 200 for m in tile_max]  # AD squares are 255, NC squares 120
+    assert is_ad == sorted(is_ad, reverse=True) and any(is_ad) and not all(is_ad)  # class by class
     ckpts = utils.list_checkpoints(tmp_path / "Models")
     assert [p.name for p in ckpts] == ["checkpoint_00000006.pt", "checkpoint_00000012.pt"]  # 48 images / 8
     state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
