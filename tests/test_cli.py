@@ -96,7 +96,14 @@ def test_resume_with_empty_out_dir(capsys, tmp_path):
 def test_missing_data_root(capsys, tmp_path):
     missing = tmp_path / "no_data"
     code = train.main(SMOKE + ["--data-root", str(missing), "--out-dir", str(tmp_path / "out")])
-    assert_user_error(capsys, code, str(missing), "--data-root")
+    assert_user_error(capsys, code, str(missing), "--data-root", "--preset demo")
+
+
+def test_default_data_root_missing_points_to_the_demo(capsys, tmp_path, monkeypatch):
+    """No preset and no data: the error names the setting (flag and constant) and the demo preset."""
+    monkeypatch.chdir(tmp_path)
+    code = train.main([])
+    assert_user_error(capsys, code, "data/AD_NC", "--data-root", "DATA_ROOT", "--preset demo")
 
 
 def test_batch_larger_than_data(capsys, tmp_path):
