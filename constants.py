@@ -101,7 +101,7 @@ RANGES = {  # inclusive (low, high); None: unbounded
 # --- presets: --preset NAME applies these before the flags ----------------------------
 PRESETS = {
     # The built-in demo set at 64x64 with a small model and StyleGAN2's logistic loss + R1 (gamma
-    # scaled to 64x64 as in StyleGAN2-ADA): 6 epochs, about 13 minutes on a 2-core CPU.
+    # scaled to 64x64 as in StyleGAN2-ADA): 6 epochs, about 6 to 13 minutes on a 2-core CPU.
     "demo": dict(DATA_ROOT=DEMO_ROOT, RESOLUTION=64, CHANNEL_BASE=1024, CHANNEL_MAX=64, Z_DIM=64, W_DIM=64,
                  MAPPING_LAYERS=4, BATCH_SIZE=16, EPOCHS=6, SAMPLE_EVERY=1, CHECKPOINT_EVERY=1,
                  LOSS="logistic", R1_GAMMA=0.1),
