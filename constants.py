@@ -82,7 +82,7 @@ CHOICES = {
     "GEN_DEVICE": ("auto", "cpu", "cuda"),
 }
 RANGES = {  # inclusive (low, high); None: unbounded
-    "RESOLUTION": (32, 1024), "SLICE_RANGE": (0, 1), "DEMO_ATROPHY": (0, None), "LOAD_THREADS": (1, None),
+    "RESOLUTION": (32, 1024), "DEMO_ATROPHY": (0, None), "LOAD_THREADS": (1, None),
     "Z_DIM": (1, None), "W_DIM": (1, None), "MAPPING_LAYERS": (1, None),
     "MAPPING_LR_MULT": (1e-6, None), "CHANNEL_BASE": (1, None), "CHANNEL_MAX": (1, None),
     "MBSTD_GROUP": (1, None), "STYLE_MIXING_PROB": (0, 1), "W_AVG_BETA": (0, 1),

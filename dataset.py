@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from utils import UserError, flag_of
+from utils import UserError, check_slice_range, flag_of
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 VOLUME_SUFFIXES = (".nii", ".nii.gz")  # NIfTI volumes; ".nii.gz" is two suffixes, so match the name's end
@@ -52,7 +52,8 @@ def find_images(root, splits=("train",)):
     sub-folders, or images directly (flat: one unnamed class, class_names == [])."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"data folder not found: {root} (set {flag_of('DATA_ROOT')})")
+        raise UserError(f"data folder not found: {root} (set {flag_of('DATA_ROOT')} or DATA_ROOT in constants.py, "
+                        f"or train on the built-in demo data with --preset demo)")
     split_dirs = [root / s for s in splits if (root / s).is_dir()]
     missing = [root / s for s in splits if not (root / s).is_dir()]
     if split_dirs and missing:
@@ -124,18 +125,6 @@ def _nibabel():
     except ImportError:
         raise UserError("reading NIfTI volumes (.nii/.nii.gz) needs nibabel: pip install nibabel") from None
     return nibabel
-
-
-def check_slice_range(slice_range):
-    """(lo, hi) fractions of a volume's height with 0 <= lo < hi <= 1, else a UserError."""
-    try:
-        lo, hi = (float(v) for v in slice_range)
-    except (TypeError, ValueError):
-        raise UserError(f"{flag_of('SLICE_RANGE')} needs two numbers LO,HI, got {slice_range!r}") from None
-    if not 0 <= lo < hi <= 1:
-        raise UserError(f"{flag_of('SLICE_RANGE')} must be two fractions of the volume height with "
-                        f"0 <= LO < HI <= 1, got {lo:g},{hi:g}")
-    return lo, hi
 
 
 def normalise_volume(data):

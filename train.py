@@ -281,9 +281,6 @@ def load_training_data(cfg):
     """The training slices; the demo set is built first when DATA_ROOT is DEMO_ROOT and it is missing."""
     if Path(cfg.data_root) == Path(cfg.demo_root):
         ensure_demo_dataset(cfg.demo_root, atrophy=cfg.demo_atrophy)
-    elif not Path(cfg.data_root).exists():
-        raise UserError(f"data folder not found: {cfg.data_root} (set --data-root or DATA_ROOT in constants.py, "
-                        f"or train on the built-in demo data with --preset demo)")
     return load_dataset(cfg.data_root, [s for s in cfg.data_splits.split(",") if s], cfg.resolution,
                         cfg.image_mode, cfg.resize_mode, cfg.skip_bad_images, cfg.load_threads,
                         slice_range=cfg.slice_range)

@@ -98,12 +98,22 @@ def check_settings(values):
     res = values.get("RESOLUTION")
     if res is not None and res & (res - 1):
         raise UserError(f"--resolution must be a power of two, got {res}")
-    for name in ("ADAM_BETAS", "SLICE_RANGE"):
-        if name in values and len(values[name]) != 2:
-            raise UserError(f"{flag_of(name)} needs two comma-separated numbers, got {values[name]!r}")
-    lo, hi = values.get("SLICE_RANGE", (0, 1))
-    if lo >= hi:
-        raise UserError(f"--slice-range needs LO < HI, got {lo},{hi}")
+    if "ADAM_BETAS" in values and len(values["ADAM_BETAS"]) != 2:
+        raise UserError(f"--adam-betas needs two comma-separated numbers, got {values['ADAM_BETAS']!r}")
+    if "SLICE_RANGE" in values:
+        check_slice_range(values["SLICE_RANGE"])
+
+
+def check_slice_range(slice_range):
+    """(lo, hi) fractions of a volume's height with 0 <= lo < hi <= 1, else a UserError."""
+    try:
+        lo, hi = (float(v) for v in slice_range)
+    except (TypeError, ValueError):
+        raise UserError(f"{flag_of('SLICE_RANGE')} needs two numbers LO,HI, got {slice_range!r}") from None
+    if not 0 <= lo < hi <= 1:
+        raise UserError(f"{flag_of('SLICE_RANGE')} must be two fractions of the volume height with "
+                        f"0 <= LO < HI <= 1, got {lo:g},{hi:g}")
+    return lo, hi
 
 
 def parse_settings(argv, prefix, description, extra=()):
