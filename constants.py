@@ -59,6 +59,11 @@ SAMPLE_EVERY = 2  # epochs between sample grids from fixed latents
 SAMPLE_COUNT = 16  # images in each sample grid
 CHECKPOINT_EVERY = 4  # epochs between checkpoints
 KEEP_CHECKPOINTS = 3  # newest checkpoints kept in Models/ (0: keep all)
+EVAL_EVERY = 4  # epochs between evaluations (SWD, MS-SSIM, precision/recall; FID/KID with weights) (0: off)
+EVAL_N = 1000  # generated and real images in each evaluation
+EVAL_METRIC = "auto"  # metric that picks Models/best.pt: auto (fid with Inception weights, else swd) | swd | fid | kid
+INCEPTION_WEIGHTS = ""  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth for FID/KID (empty: skipped)
+TENSORBOARD = False  # also log losses, metrics and sample grids to OUT_DIR/runs (needs: pip install tensorboard)
 
 # --- generation (flags of generate_images.py, without the GEN_ prefix) ----------------
 GEN_CHECKPOINT = "Models"  # checkpoint file, or a folder whose newest checkpoint is used
@@ -71,6 +76,19 @@ GEN_NOISE_MODE = "const"  # const (fixed noise maps) | random | none
 GEN_DEVICE = "auto"  # auto | cpu | cuda
 GEN_BATCH = 32  # images generated at once
 
+# --- evaluation (flags of evaluate.py, without the EVALUATE_ prefix) -------------------
+EVALUATE_CHECKPOINT = "Models"  # checkpoint file, or a folder whose newest checkpoint is used
+EVALUATE_DATA_ROOT = ""  # real slices to compare with (empty: the checkpoint's DATA_ROOT)
+EVALUATE_N = 1000  # generated and real images compared (at most the number of real images)
+EVALUATE_INCEPTION_WEIGHTS = INCEPTION_WEIGHTS  # pt_inception-2015-12-05-6726825d.pth for FID/KID (empty: skipped)
+EVALUATE_CAS = False  # also train ResNet-18 classifiers on real, generated, and both; test on DATA_ROOT/test
+EVALUATE_CAS_EPOCHS = 10  # training epochs of each classifier
+EVALUATE_OUT = "evaluation.json"  # JSON of every figure; a Markdown table is written beside it (.md)
+EVALUATE_TRUNCATION = 1.0  # truncation psi of the generated images (1: none, as for published figures)
+EVALUATE_SEED = 0  # seed of the generated and the chosen real images
+EVALUATE_DEVICE = "auto"  # auto | cpu | cuda
+EVALUATE_BATCH = 64  # images per forward pass
+
 # --- valid values: checked at the command line, with the flag named in the error -----
 CHOICES = {
     "IMAGE_MODE": ("L", "RGB"),
@@ -80,6 +98,8 @@ CHOICES = {
     "DEVICE": ("auto", "cpu", "cuda"),
     "GEN_NOISE_MODE": ("const", "random", "none"),
     "GEN_DEVICE": ("auto", "cpu", "cuda"),
+    "EVAL_METRIC": ("auto", "swd", "fid", "kid"),
+    "EVALUATE_DEVICE": ("auto", "cpu", "cuda"),
 }
 RANGES = {  # inclusive (low, high); None: unbounded
     "RESOLUTION": (32, 1024), "DEMO_ATROPHY": (0, None), "LOAD_THREADS": (1, None),
@@ -95,7 +115,9 @@ RANGES = {  # inclusive (low, high); None: unbounded
     "EMA_KIMG": (0, None), "EMA_RAMPUP": (0, None), "SEED": (0, 2**63 - 1),
     "SAMPLE_EVERY": (1, None), "SAMPLE_COUNT": (1, 256), "CHECKPOINT_EVERY": (1, None),
     "KEEP_CHECKPOINTS": (0, None), "GEN_N": (1, None), "GEN_TRUNCATION": (0, None),
-    "GEN_BATCH": (1, None),
+    "GEN_BATCH": (1, None), "EVAL_EVERY": (0, None), "EVAL_N": (8, None), "EVALUATE_N": (8, None),
+    "EVALUATE_CAS_EPOCHS": (1, None), "EVALUATE_TRUNCATION": (0, None), "EVALUATE_SEED": (0, 2**63 - 1),
+    "EVALUATE_BATCH": (1, None),
 }
 
 # --- presets: --preset NAME applies these before the flags ----------------------------
@@ -104,7 +126,7 @@ PRESETS = {
     # scaled to 64x64 as in StyleGAN2-ADA): 6 epochs, about 6 to 13 minutes on a 2-core CPU.
     "demo": dict(DATA_ROOT=DEMO_ROOT, RESOLUTION=64, CHANNEL_BASE=1024, CHANNEL_MAX=64, Z_DIM=64, W_DIM=64,
                  MAPPING_LAYERS=4, BATCH_SIZE=16, EPOCHS=6, SAMPLE_EVERY=1, CHECKPOINT_EVERY=1,
-                 LOSS="logistic", R1_GAMMA=0.1),
+                 LOSS="logistic", R1_GAMMA=0.1, EVAL_EVERY=2),
     # Seed 000's setup: ADNI at 256x256, z = w = 256, 8 mapping layers, WGAN-GP every step,
     # path length every 16 batches, cyclic learning rate, resize + vertical flips.
     "adni256": dict(RESOLUTION=256, RESIZE_MODE="resize", VFLIP=True, HFLIP=False, Z_DIM=256, W_DIM=256,
@@ -116,5 +138,5 @@ PRESETS = {
     # A tiny model for tests and CPU checks: 32x32, several iterations per second on 2 cores.
     "smoke": dict(RESOLUTION=32, Z_DIM=32, W_DIM=32, MAPPING_LAYERS=2, CHANNEL_BASE=512,
                   CHANNEL_MAX=32, BATCH_SIZE=16, EPOCHS=2, SAMPLE_EVERY=1, CHECKPOINT_EVERY=1,
-                  SAMPLE_COUNT=8, EMA_KIMG=0.5, PL_INTERVAL=4, D_REG_INTERVAL=4),
+                  SAMPLE_COUNT=8, EMA_KIMG=0.5, PL_INTERVAL=4, D_REG_INTERVAL=4, EVAL_EVERY=1, EVAL_N=64),
 }

@@ -245,6 +245,16 @@ def load_dataset(root, splits, resolution, mode="L", resize_mode="pad", skip_bad
     return SliceDataset(images, slice_labels, class_names, len(bad), volumes)
 
 
+def load_slices(cfg, splits=None):
+    """The slices a run's settings name (DATA_ROOT, DATA_SPLITS unless `splits` is given, RESOLUTION,
+    ...); the demo set is built first when DATA_ROOT is DEMO_ROOT and it is missing."""
+    if Path(cfg.data_root) == Path(cfg.demo_root):
+        ensure_demo_dataset(cfg.demo_root, atrophy=cfg.demo_atrophy)
+    splits = splits if splits is not None else [s for s in cfg.data_splits.split(",") if s]
+    return load_dataset(cfg.data_root, splits, cfg.resolution, cfg.image_mode, cfg.resize_mode,
+                        cfg.skip_bad_images, cfg.load_threads, slice_range=cfg.slice_range)
+
+
 class EpochSampler:
     """Seeded batches of indices: a new permutation each epoch (the same for the same seed and
     epoch), split across `world_size` processes, and able to start mid-epoch for exact resume."""

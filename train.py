@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 import constants
-from dataset import EpochSampler, ensure_demo_dataset, load_dataset, random_flips, to_model_range
+from dataset import EpochSampler, load_slices, random_flips, to_model_range
+from evaluate import Evaluator, best_metric, load_inception
 from modules import Discriminator, Generator
 from utils import (
     UserError,
@@ -39,6 +40,7 @@ from utils import (
     parse_settings,
     path_length_penalty,
     plot_losses,
+    plot_metrics,
     r1_penalty,
     resolve_device,
     resolve_settings,
@@ -121,7 +123,7 @@ def build_run(cfg, data, device):
     return SimpleNamespace(G=G, D=D, G_ema=G_ema, opt_G=opt_G, opt_D=opt_D, model_args=model_args,
                            intervals=intervals, class_names=data.class_names, device=device,
                            pl_mean=torch.zeros([], device=device), step=0, epoch=0, epoch_step=0, nimg=0,
-                           history={k: [] for k in HISTORY_KEYS}, last={})
+                           history={k: [] for k in HISTORY_KEYS}, metrics=[], last={}, board=None)
 
 
 def set_learning_rates(run, cfg):
@@ -213,7 +215,7 @@ def checkpoint_state(run, cfg):
         opt_G=run.opt_G.state_dict(), opt_D=run.opt_D.state_dict(),
         step=run.step, epoch=run.epoch, epoch_nimg=run.epoch_step * cfg.batch_size, nimg=run.nimg,
         pl_mean=run.pl_mean.detach().cpu(),
-        history={k: torch.tensor(v, dtype=torch.float32) for k, v in run.history.items()},
+        history={k: torch.tensor(v, dtype=torch.float32) for k, v in run.history.items()}, metrics=run.metrics,
         rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if cuda else []))
 
 
@@ -226,6 +228,7 @@ def restore(run, state, cfg, data):
     run.epoch_step = state["epoch_nimg"] // cfg.batch_size
     run.pl_mean = state["pl_mean"].to(run.device)
     run.history = {k: state["history"][k].tolist() if k in state["history"] else [] for k in HISTORY_KEYS}
+    run.metrics = list(state.get("metrics", []))
     torch.set_rng_state(state["rng"]["torch"])
     if run.device.type == "cuda" and len(state["rng"]["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -241,7 +244,11 @@ def fixed_latents(cfg, num_classes, device):
 @torch.no_grad()
 def save_samples(run, latents, path):
     z, labels = latents
-    save_grid(run.G_ema(z, labels, noise_mode="const"), path, ncol=8)
+    images = run.G_ema(z, labels, noise_mode="const")
+    save_grid(images, path, ncol=8)
+    if run.board is not None:
+        from torchvision.utils import make_grid
+        run.board.add_image("samples", make_grid((images.cpu().clamp(-1, 1) + 1) / 2, nrow=8), run.step)
 
 
 def save_reals(data, cfg, path):
@@ -249,6 +256,47 @@ def save_reals(data, cfg, path):
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.sample_count]
     pick = pick[torch.argsort(data.labels[pick], stable=True)]
     save_grid(to_model_range(data.images[pick]), path, ncol=8)
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation during training and TensorBoard
+# ---------------------------------------------------------------------------------------
+def make_evaluator(cfg, data, device):
+    """(Evaluator with the real-image statistics, name of the metric that picks best.pt), or (None, None)."""
+    if not cfg.eval_every:
+        return None, None
+    inception = load_inception(cfg.inception_weights, device)
+    metric = best_metric(cfg.eval_metric, inception)
+    evaluator = Evaluator(data.images, data.labels, min(cfg.eval_n, len(data)), cfg.seed, inception)
+    print(f"evaluation every {cfg.eval_every} epochs on {evaluator.n} images; Models/best.pt by {metric}")
+    return evaluator, metric
+
+
+def evaluate_now(run, cfg, evaluator, metric, save_best, samples):
+    """Evaluate G_ema, log and plot the figures, and keep Models/best.pt by `metric` (lower is better)."""
+    figures = evaluator(run.G_ema, run.device)
+    previous = [m[metric] for m in run.metrics if metric in m]
+    run.metrics.append(dict(epoch=run.epoch, step=run.step, nimg=run.nimg, **figures))
+    shown = {k: v for k, v in figures.items() if k in ("swd", "fid", "kid", "ms_ssim_fake", "precision", "recall")}
+    tqdm.write(f"epoch {run.epoch} evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    save_json(run.metrics, samples / "metrics.json")
+    plot_metrics(run.metrics, samples / "metrics.png")
+    if run.board is not None:
+        for key, value in figures.items():
+            run.board.add_scalar(f"metrics/{key}", value, run.step)
+    if not previous or figures[metric] < min(previous):
+        save_best()
+
+
+def open_tensorboard(cfg):
+    """A SummaryWriter on OUT_DIR/runs when --tensorboard, else None."""
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(Path(cfg.out_dir) / "runs"))
 
 
 class StopSignal:
@@ -277,20 +325,11 @@ class StopSignal:
 # ---------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------
-def load_training_data(cfg):
-    """The training slices; the demo set is built first when DATA_ROOT is DEMO_ROOT and it is missing."""
-    if Path(cfg.data_root) == Path(cfg.demo_root):
-        ensure_demo_dataset(cfg.demo_root, atrophy=cfg.demo_atrophy)
-    return load_dataset(cfg.data_root, [s for s in cfg.data_splits.split(",") if s], cfg.resolution,
-                        cfg.image_mode, cfg.resize_mode, cfg.skip_bad_images, cfg.load_threads,
-                        slice_range=cfg.slice_range)
-
-
 def train(cfg, state=None):
     """Train until EPOCHS (or MAX_STEPS) or a stop signal. Returns the exit status."""
     device = resolve_device(cfg.device)
     print(f"device: {describe_device(device)}")
-    data = load_training_data(cfg)
+    data = load_slices(cfg)
     print(f"data: {cfg.data_root}: {data.summary()}")
     if cfg.conditional and len(data.class_names) < 2:
         raise UserError(f"--conditional needs at least two class sub-folders in {cfg.data_root}")
@@ -301,6 +340,8 @@ def train(cfg, state=None):
     run = build_run(cfg, data, device)
     if state is not None:
         restore(run, state, cfg, data)
+    evaluator, metric = make_evaluator(cfg, data, device)
+    run.board = open_tensorboard(cfg)
     if run.epoch_step >= sampler.steps_per_epoch:
         run.epoch, run.epoch_step = run.epoch + 1, 0
     out = Path(cfg.out_dir)
@@ -319,6 +360,18 @@ def train(cfg, state=None):
         plot_losses(run.history, samples / "losses.png")
         return path
 
+    def save_best():
+        save_checkpoint(checkpoint_state(run, cfg), models / "best.pt")
+
+    try:
+        return train_loop(run, cfg, data, sampler, latents, evaluator, metric, save, save_best, samples)
+    finally:
+        if run.board is not None:
+            run.board.close()
+
+
+def train_loop(run, cfg, data, sampler, latents, evaluator, metric, save, save_best, samples):
+    """Epochs until EPOCHS, MAX_STEPS or a stop signal, with samples, evaluations and checkpoints."""
     with StopSignal() as stop:
         finished = False
         while run.epoch < cfg.epochs and not finished and stop.signum is None:
@@ -327,6 +380,8 @@ def train(cfg, state=None):
                 run.epoch, run.epoch_step = run.epoch + 1, 0
                 if run.epoch % cfg.sample_every == 0:
                     save_samples(run, latents, samples / f"epoch_{run.epoch:04d}.png")
+                if evaluator is not None and run.epoch % cfg.eval_every == 0:
+                    evaluate_now(run, cfg, evaluator, metric, save_best, samples)
                 if run.epoch % cfg.checkpoint_every == 0:
                     save()
         if stop.signum is not None:
@@ -351,6 +406,9 @@ def run_epoch(run, cfg, data, sampler, stop):
             for key in HISTORY_KEYS:
                 run.history[key].append(values.get(key, float("nan")))
             run.last.update({k: values[k] for k in ("gp", "loss_critic", "loss_gen", "plp") if k in values})
+            if run.board is not None:
+                for key, value in values.items():
+                    run.board.add_scalar(f"train/{key}", value, run.step)
             bar.set_postfix({k: f"{v:.3g}" for k, v in run.last.items()}, refresh=False)
             bar.update()
             run.step, run.epoch_step, run.nimg = run.step + 1, run.epoch_step + 1, run.nimg + len(idx)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import constants
 
 CHECKPOINT_GLOB = "checkpoint_*.pt"
+SCRIPT_PREFIXES = ("GEN_", "EVALUATE_")  # settings of generate_images.py and evaluate.py; the rest are train.py's
 
 
 class UserError(Exception):
@@ -40,15 +41,22 @@ def setting_comments():
 
 
 def setting_names(prefix):
-    """Names of the settings of one script: GEN_* for generate_images.py, the rest for train.py."""
+    """Names of the settings of one script: GEN_* for generate_images.py, EVALUATE_* for evaluate.py,
+    the rest for train.py."""
     return [n for n, v in vars(constants).items()
             if n.isupper() and not isinstance(v, dict) and n.startswith(prefix)
-            and (prefix or not n.startswith("GEN_"))]
+            and (prefix or not n.startswith(SCRIPT_PREFIXES))]
 
 
 def flag_of(name):
-    """DATA_ROOT -> --data-root; GEN_SEEDS -> --seeds."""
-    return "--" + name.removeprefix("GEN_").lower().replace("_", "-")
+    """DATA_ROOT -> --data-root; GEN_SEEDS -> --seeds; EVALUATE_N -> --n."""
+    return "--" + _strip_script_prefix(name).lower().replace("_", "-")
+
+
+def _strip_script_prefix(name):
+    for prefix in SCRIPT_PREFIXES:
+        name = name.removeprefix(prefix)
+    return name
 
 
 def _float_tuple(text):
@@ -133,7 +141,7 @@ def resolve_settings(given, prefix, preset=None, base=None):
         values.update(constants.PRESETS[preset])
     values.update(given)
     check_settings(values)
-    return SimpleNamespace(**{k.removeprefix("GEN_").lower(): v for k, v in values.items()})
+    return SimpleNamespace(**{_strip_script_prefix(k).lower(): v for k, v in values.items()})
 
 
 def config_dict(cfg):
@@ -357,6 +365,31 @@ def plot_losses(history, path):
         ax.set_ylabel("loss")
         ax.legend(loc="upper right")
     axes[-1].set_xlabel("iteration")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_metrics(metrics, path):
+    """Evaluation figures over training (one panel per metric group) against thousands of images seen."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [(["swd"] + sorted({k for m in metrics for k in m if k.startswith("swd_")}, key=lambda k: -int(k[4:])),
+               "sliced Wasserstein distance x1e3"),
+              (["ms_ssim_fake", "ms_ssim_real"], "MS-SSIM of random pairs (diversity)"),
+              (["precision", "recall"], "precision and recall"), (["fid"], "FID"), (["kid"], "KID")]
+    panels = [(keys, title) for keys, title in panels if any(k in m for m in metrics for k in keys)]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels)), sharex=True, squeeze=False)
+    for ax, (keys, title) in zip(axes[:, 0], panels):
+        for key in keys:
+            points = [(m["nimg"] / 1000, m[key]) for m in metrics if key in m]
+            style = dict(linewidth=0.8, alpha=0.6) if key.startswith("swd_") else dict(linewidth=1.6, marker="o")
+            ax.plot(*zip(*points), label=key, **style)
+        ax.set_title(title)
+        ax.legend(loc="upper right", fontsize=8)
+    axes[-1, 0].set_xlabel("thousands of real images shown to D")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
