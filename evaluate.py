@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
+from tqdm import tqdm
 
 import constants
 from dataset import load_slices, to_model_range
@@ -469,7 +470,7 @@ def train_classifier(images, labels, num_classes, epochs, seed, device, batch=64
         net = make_classifier(images.shape[1], num_classes).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         order = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
+        for _ in tqdm(range(epochs), desc="classifier epochs", leave=False, file=sys.stdout):
             for idx in torch.randperm(len(images), generator=order).split(batch):
                 x = images[idx].to(device)
                 x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
