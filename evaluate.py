@@ -13,10 +13,10 @@ figures as JSON (--out) and as a Markdown table beside it. Metrics:
   recall         share of real images inside the generated k-NN manifold (coverage); higher is better
   cas            (--cas) a ResNet-18 AD-vs-NC classifier trained on real, generated, and real + generated
                  slices, tested on the real test split: accuracy and AUC of each"""
+import contextlib
 import math
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -25,22 +25,20 @@ import torch.nn.functional as F
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 from tqdm import tqdm
 
-import constants
 from dataset import load_slices, to_model_range
 from generate_images import generate, load_generator
 from utils import (
     UserError,
     load_checkpoint,
     parse_settings,
+    quantize_uint8,
     resolve_device,
     resolve_settings,
     save_json,
-    setting_names,
 )
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE}"
-LOWER_IS_BETTER = ("swd", "fid", "kid")
 
 
 # ---------------------------------------------------------------------------------------
@@ -79,7 +77,7 @@ def laplacian_pyramid(x, levels):
 
 def swd_levels(resolution, coarsest=16):
     """Pyramid levels from `resolution` down to `coarsest` pixels (ProGAN: 16)."""
-    return max(1, int(math.log2(resolution // coarsest)) + 1) if resolution >= coarsest else 1
+    return int(math.log2(max(resolution // coarsest, 1))) + 1
 
 
 def patch_descriptors(level, per_image, size, generator):
@@ -389,15 +387,22 @@ def inception_features(model, images, batch=100):
 # ---------------------------------------------------------------------------------------
 def quantize(images):
     """Round images in [-1, 1] to the 256 grey levels of a PNG, so generated and real images compare alike."""
-    return to_model_range(((images.float() + 1) * 127.5).round().clamp(0, 255))
+    return to_model_range(quantize_uint8(images))
+
+
+@contextlib.contextmanager
+def seeded_rng(seed, device):
+    """Run a block with the global RNGs (CPU, and `device` when CUDA) seeded, then restore them, so that
+    evaluation never changes a training run's random numbers."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 @torch.no_grad()
 def sample_images(G, labels, n, seed, device, truncation=1.0, batch=64):
     """n images (N, C, R, R) in [-1, 1] on the CPU, the same for the same seed; the global RNG is untouched."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, device):
         z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed))
         images = generate(G, z, labels if G.num_classes else None, truncation, "random", batch, device)
     return quantize(images)
@@ -464,9 +469,7 @@ def make_classifier(channels, num_classes):
 
 def train_classifier(images, labels, num_classes, epochs, seed, device, batch=64, lr=1e-3):
     """Train a classifier on images (N, C, R, R) in [-1, 1] with random left-right flips; seeded."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, device):
         net = make_classifier(images.shape[1], num_classes).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         order = torch.Generator().manual_seed(seed)
@@ -560,10 +563,7 @@ def markdown_table(results):
 # ---------------------------------------------------------------------------------------
 def run_config(state, cfg):
     """The checkpoint's training settings, with --data-root when given."""
-    run = SimpleNamespace(**{**{k.lower(): getattr(constants, k) for k in setting_names("")}, **state["config"]})
-    if cfg.data_root:
-        run.data_root = cfg.data_root
-    return run
+    return resolve_settings({"DATA_ROOT": cfg.data_root} if cfg.data_root else {}, "", base=state["config"])
 
 
 def cas_data(cfg, run, G, train, device):

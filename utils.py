@@ -308,10 +308,14 @@ def load_checkpoint(path):
 # ---------------------------------------------------------------------------------------
 # Images and plots
 # ---------------------------------------------------------------------------------------
+def quantize_uint8(images):
+    """(N, C, H, W) floats in [-1, 1] -> the same shape in uint8 [0, 255] (on the CPU), as a PNG stores them."""
+    return ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 def to_uint8(images):
     """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8 array."""
-    x = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    return quantize_uint8(images).permute(0, 2, 3, 1).numpy()
 
 
 def save_image(image, path):

@@ -41,3 +41,40 @@ def tiny_images(tmp_path):
     def make(folder="images", n=4, size=32, mode="L", ext="png", seed=0, prefix="img"):
         return write_images(tmp_path / folder, n, size=size, mode=mode, seed=seed, ext=ext, prefix=prefix)
     return make
+
+
+def write_classes(root, n=24, res=32, seed=0):
+    """AD_NC-like layout with two classes of random blobs."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split in ("train", "test"):
+        for c, level in (("AD", 255), ("NC", 120)):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                a = (rng.random((res, res - 2)) * 60).astype(np.uint8)
+                x, y = rng.integers(0, res - 12, 2)
+                a[y:y + 10, x:x + 10] = level
+                Image.fromarray(a).save(d / f"{i}.jpeg")
+    return root
+
+
+def smoke(data, out, *flags):
+    """train.py arguments for a smoke-preset run on `data` writing to `out`."""
+    return ["--preset", "smoke", "--data-root", str(data), "--out-dir", str(out), "--batch-size", "8", *flags]
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """A small AD_NC folder (train and test splits, 24 slices per class each)."""
+    return write_classes(tmp_path_factory.mktemp("adni") / "AD_NC")
+
+
+@pytest.fixture(scope="session")
+def cond_run(data, tmp_path_factory):
+    """One 2-epoch conditional smoke run (evaluated after each epoch, the smoke preset's EVAL_EVERY),
+    shared by the tests that only read its outputs."""
+    import train
+    out = tmp_path_factory.mktemp("cond")
+    assert train.main(smoke(data, out, "--epochs", "2", "--conditional")) == 0
+    return out

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import smoke
 from PIL import Image
 
 import generate_images
@@ -20,33 +21,9 @@ import utils
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_classes(root, n=24, res=32, seed=0):
-    """AD_NC-like layout with two classes of random blobs."""
-    rng = np.random.default_rng(seed)
-    for split in ("train", "test"):
-        for c, level in (("AD", 255), ("NC", 120)):
-            d = root / split / c
-            d.mkdir(parents=True)
-            for i in range(n):
-                a = (rng.random((res, res - 2)) * 60).astype(np.uint8)
-                x, y = rng.integers(0, res - 12, 2)
-                a[y:y + 10, x:x + 10] = level
-                Image.fromarray(a).save(d / f"{i}.jpeg")
-    return root
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_classes(tmp_path_factory.mktemp("adni") / "AD_NC")
-
-
-def smoke(data, out, *flags):
-    return ["--preset", "smoke", "--data-root", str(data), "--out-dir", str(out), "--batch-size", "8", *flags]
-
-
-def test_train_writes_samples_checkpoints_plot_and_config(data, tmp_path):
-    assert train.main(smoke(data, tmp_path, "--epochs", "2", "--conditional")) == 0
-    samples = tmp_path / "saved_examples" / "32x32"
+def test_train_writes_samples_checkpoints_plot_and_config(cond_run):
+    """The shared run of conftest: python train.py --preset smoke --epochs 2 --conditional."""
+    samples = cond_run / "saved_examples" / "32x32"
     assert (samples / "epoch_0001.png").is_file() and (samples / "epoch_0002.png").is_file()
     assert (samples / "losses.png").is_file() and (samples / "config.json").is_file()
     reals = np.asarray(Image.open(samples / "reals.png"))  # 8 training slices (smoke preset), one row
@@ -54,7 +31,7 @@ def test_train_writes_samples_checkpoints_plot_and_config(data, tmp_path):
     tile_max = [int(reals[2:34, 2 + 34 * i:34 + 34 * i].max()) for i in range(8)]
     is_ad = [m > 200 for m in tile_max]  # AD squares are 255, NC squares 120
     assert is_ad == sorted(is_ad, reverse=True) and any(is_ad) and not all(is_ad)  # class by class
-    ckpts = utils.list_checkpoints(tmp_path / "Models")
+    ckpts = utils.list_checkpoints(cond_run / "Models")
     assert [p.name for p in ckpts] == ["checkpoint_00000006.pt", "checkpoint_00000012.pt"]  # 48 images / 8
     state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
     assert state["step"] == 12 and state["epoch"] == 2 and state["class_names"] == ["AD", "NC"]
