@@ -66,15 +66,31 @@ INCEPTION_WEIGHTS = ""  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth for
 TENSORBOARD = False  # also log losses, metrics and sample grids to OUT_DIR/runs (needs: pip install tensorboard)
 
 # --- generation (flags of generate_images.py, without the GEN_ prefix) ----------------
+GEN_MODE = "samples"  # samples | mixing | interpolate | tsne | truncation | project | losses
 GEN_CHECKPOINT = "Models"  # checkpoint file, or a folder whose newest checkpoint is used
 GEN_OUT_DIR = "saved_examples/generated"  # folder for the generated PNGs, grid and plots
-GEN_N = 16  # number of images when --seeds is not given (seeds 0..N-1)
-GEN_SEEDS = ""  # comma list of seeds, e.g. 1,2,3; each seed gives one image
+GEN_N = 16  # samples: number of images when --seeds is not given (seeds 0..N-1)
+GEN_SEEDS = ""  # comma list of seeds; empty: 0..N-1 (samples), 0..3 (mixing rows), 0,1 (interpolate), 0..7 (truncation)
 GEN_TRUNCATION = 1.0  # truncation psi: 1 is no truncation, 0 gives the mean image
 GEN_LABEL = ""  # class name (AD or NC) for a conditional model; empty: alternate classes
 GEN_NOISE_MODE = "const"  # const (fixed noise maps) | random | none
 GEN_DEVICE = "auto"  # auto | cpu | cuda
 GEN_BATCH = 32  # images generated at once
+GEN_MIX_SEEDS = "10,11,12,13,14"  # mixing: seeds of the columns, which give the styles outside --mix-layers
+GEN_MIX_LAYERS = "0-3"  # mixing: the style layers (0 = 4x4; two per resolution) taken from the row seeds: coarse 0-3
+GEN_INTERP = "seeds"  # interpolate: seeds (a path through --seeds) | classes (AD to NC at each seed's z)
+GEN_SPACE = "w"  # interpolate: w (linear in W) | z (spherical in Z; classes: linear in the class embedding)
+GEN_FRAMES = 9  # interpolate: frames per segment; project: snapshots in the optimisation strip and GIF
+GEN_PSIS = "1,0.7,0.5,0"  # truncation: the psi of each row
+GEN_TSNE_N = 300  # tsne: generated w per class
+GEN_DATA_ROOT = ""  # tsne: real slices (ADNI layout) to project into W and plot with the generated w
+GEN_TSNE_REAL = 40  # tsne: real slices projected per class (with --data-root)
+GEN_TARGET = ""  # project: the real slice (PNG, JPEG, ...) to reconstruct
+GEN_PROJECT_SPACE = "w"  # project: w (one w for all layers) | w+ (one w per layer: closer fit, less regular)
+GEN_PROJECT_STEPS = 300  # project (and tsne with --data-root): optimisation steps
+GEN_PROJECT_LR = 0.1  # project: peak Adam learning rate (ramped up, then cosine down)
+GEN_PROJECT_FEATURES = 1.0  # project: weight of the discriminator-feature (perceptual) distance beside the pixel MSE
+GEN_PROJECT_NOISE_REG = 1e5  # project: weight of the noise-map regulariser (StyleGAN2 projector)
 
 # --- evaluation (flags of evaluate.py, without the EVALUATE_ prefix) -------------------
 EVALUATE_CHECKPOINT = "Models"  # checkpoint file, or a folder whose newest checkpoint is used
@@ -98,6 +114,10 @@ CHOICES = {
     "DEVICE": ("auto", "cpu", "cuda"),
     "GEN_NOISE_MODE": ("const", "random", "none"),
     "GEN_DEVICE": ("auto", "cpu", "cuda"),
+    "GEN_MODE": ("samples", "mixing", "interpolate", "tsne", "truncation", "project", "losses"),
+    "GEN_INTERP": ("seeds", "classes"),
+    "GEN_SPACE": ("w", "z"),
+    "GEN_PROJECT_SPACE": ("w", "w+"),
     "EVAL_METRIC": ("auto", "swd", "fid", "kid"),
     "EVALUATE_DEVICE": ("auto", "cpu", "cuda"),
 }
@@ -115,7 +135,9 @@ RANGES = {  # inclusive (low, high); None: unbounded
     "EMA_KIMG": (0, None), "EMA_RAMPUP": (0, None), "SEED": (0, 2**63 - 1),
     "SAMPLE_EVERY": (1, None), "SAMPLE_COUNT": (1, 256), "CHECKPOINT_EVERY": (1, None),
     "KEEP_CHECKPOINTS": (0, None), "GEN_N": (1, None), "GEN_TRUNCATION": (0, None),
-    "GEN_BATCH": (1, None), "EVAL_EVERY": (0, None), "EVAL_N": (8, None), "EVALUATE_N": (8, None),
+    "GEN_BATCH": (1, None), "GEN_FRAMES": (2, 1000), "GEN_TSNE_N": (10, None), "GEN_TSNE_REAL": (2, None),
+    "GEN_PROJECT_STEPS": (1, None), "GEN_PROJECT_LR": (0, None), "GEN_PROJECT_FEATURES": (0, None),
+    "GEN_PROJECT_NOISE_REG": (0, None), "EVAL_EVERY": (0, None), "EVAL_N": (8, None), "EVALUATE_N": (8, None),
     "EVALUATE_CAS_EPOCHS": (1, None), "EVALUATE_TRUNCATION": (0, None), "EVALUATE_SEED": (0, 2**63 - 1),
     "EVALUATE_BATCH": (1, None),
 }

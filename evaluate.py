@@ -169,6 +169,13 @@ def ms_ssim(x, y, data_range=2.0, window=11, sigma=1.5):
     return torch.stack(terms, 1).pow(weights).prod(1)
 
 
+def ssim(x, y, data_range=2.0, window=11, sigma=1.5):
+    """Single-scale SSIM of image pairs (N, C, H, W) -> (N,), with an 11x11 Gaussian window (smaller on tiny images)."""
+    size = min(x.shape[-2:])
+    window = min(window, size - (size + 1) % 2)
+    return _ssim_and_cs(x.float(), y.float(), _gaussian_window(window, sigma, x.shape[1], x.device), data_range)[0]
+
+
 def mean_pair_ms_ssim(images, seed, batch=256):
     """Mean MS-SSIM over len(images) // 2 random disjoint pairs."""
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))

@@ -1,38 +1,82 @@
-"""Generate brain slices from a trained checkpoint with its EMA generator.
+"""Generate brain slices from a trained checkpoint's EMA generator, and explore its latent space.
 
-    python generate_images.py                           # newest checkpoint in Models/, 16 images
+    python generate_images.py                                       # 16 samples, newest checkpoint in Models/
     python generate_images.py --seeds 1,2,3 --truncation 0.7 --label AD
+    python generate_images.py --mode mixing --seeds 0,1,2,3 --mix-seeds 10,11,12,13,14 --mix-layers 0-3
+    python generate_images.py --mode interpolate --interp classes --seeds 0,1,2    # AD -> NC at fixed z
+    python generate_images.py --mode tsne --data-root data/demo/AD_NC
+    python generate_images.py --mode truncation --psis 1,0.7,0.5,0
+    python generate_images.py --mode project --target slice.png
+    python generate_images.py --mode losses
 
-Writes one PNG per seed, a grid of them, and the training loss plot. The checkpoint carries its
-own settings, so no architecture flag is needed. The same seed gives the same image."""
+Modes (--mode):
+  samples      one PNG per seed, a grid of them and the training loss plot
+  mixing       style-mixing grid: the row seeds give the styles of --mix-layers, the column seeds the rest
+  interpolate  a strip PNG and a GIF along a path through seeds, or from AD to NC at each seed's z,
+               linear in W or spherical in Z (--space)
+  tsne         t-SNE and PCA of w per class (and of real slices projected into W with --data-root),
+               with a linear classifier's cross-validated accuracy on w
+  truncation   the same seeds at each truncation psi (--psis), per class
+  project      the w (or W+) and noise maps whose image best matches --target; PSNR and SSIM of the result
+  losses       the checkpoint's training loss plot (and evaluation metrics plot)
+The checkpoint carries its own settings, so no architecture flag is needed. The same seed gives the same image."""
+import copy
+import math
+import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from modules import Generator
+from dataset import load_image, load_slices, to_model_range
+from modules import Discriminator, Generator, NoiseInjection
 from utils import (
     UserError,
     load_checkpoint,
     parse_settings,
     plot_losses,
+    plot_metrics,
+    pyplot,
+    quantize_uint8,
     resolve_device,
     resolve_settings,
+    save_figure,
+    save_gif,
     save_grid,
     save_image,
+    save_json,
+    save_labelled_grid,
 )
 
+CLASS_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")
 
-def parse_seeds(cfg):
-    if not cfg.seeds:
-        return list(range(cfg.n))
+
+# ---------------------------------------------------------------------------------------
+# Checkpoint, seeds, labels, latents
+# ---------------------------------------------------------------------------------------
+def parse_seeds(text, default=(), flag="--seeds"):
+    """Comma-separated non-negative integers; `default` when empty."""
+    if not text:
+        return list(default)
     try:
-        seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise UserError(f"--seeds takes comma-separated integers, got {cfg.seeds!r}") from None
+        raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from None
     if not seeds or min(seeds) < 0:
-        raise UserError(f"--seeds takes non-negative integers, got {cfg.seeds!r}")
+        raise UserError(f"{flag} takes non-negative integers, got {text!r}")
     return seeds
+
+
+def parse_floats(text, flag):
+    try:
+        values = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise UserError(f"{flag} takes non-negative numbers, got {text!r}")
+    return values
 
 
 def load_generator(state, device):
@@ -42,22 +86,54 @@ def load_generator(state, device):
     return G.to(device).eval().requires_grad_(False)
 
 
+def load_discriminator(state, device):
+    """The discriminator of a checkpoint, in eval mode (its features are the projector's perceptual space)."""
+    D = Discriminator(**state["model_args"]["D"])
+    D.load_state_dict(state["D"])
+    return D.to(device).eval().requires_grad_(False)
+
+
 def seed_latents(seeds, z_dim):
     """One z per seed, drawn on the CPU so that a seed means the same z on every device."""
     return torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
-def labels_for(state, label, count):
-    """Class indices for `count` images: --label, or alternating classes; None when unconditional."""
+def class_index(state, label):
+    """The index of class `label` (a name), with a clear error for unconditional checkpoints and unknown names."""
     names = state["class_names"]
     if not state["model_args"]["G"]["num_classes"]:
-        if label:
-            raise UserError(f"--label {label}: this checkpoint is unconditional (train with --conditional)")
-        return None
-    if label and label not in names:
+        raise UserError(f"--label {label}: this checkpoint is unconditional (train with --conditional)")
+    if label not in names:
         raise UserError(f"--label must be one of {', '.join(names)}, got {label!r}")
-    index = torch.full([count], names.index(label)) if label else torch.arange(count) % len(names)
-    return index.long()
+    return names.index(label)
+
+
+def labels_for(state, label, count):
+    """Class indices for `count` images: --label, or alternating classes; None when unconditional."""
+    if label:
+        return torch.full([count], class_index(state, label), dtype=torch.long)
+    if not state["model_args"]["G"]["num_classes"]:
+        return None
+    return torch.arange(count) % len(state["class_names"])
+
+
+def require_classes(G, what):
+    if not G.num_classes:
+        raise UserError(f"{what} needs a conditional checkpoint (train with --conditional)")
+
+
+@torch.no_grad()
+def mapped(G, z, labels, truncation, device):
+    """z (N, z_dim) and labels (indices, or (N, K) class weights) -> w (N, w_dim) on the CPU."""
+    return G.mapping(z.to(device), labels.to(device) if labels is not None else None, truncation).cpu()
+
+
+@torch.no_grad()
+def synthesize(G, ws, noise_mode, batch, device):
+    """Images (N, C, R, R) in [-1, 1] on the CPU from w (N, w_dim) or per-layer styles (N, num_ws, w_dim)."""
+    if ws.dim() == 2:
+        ws = ws[:, None].expand(-1, G.num_ws, -1)
+    return torch.cat([G.synthesis(ws[i:i + batch].to(device), noise_mode).cpu() for i in range(0, len(ws), batch)])
 
 
 @torch.no_grad()
@@ -70,27 +146,439 @@ def generate(G, z, labels, truncation, noise_mode, batch, device):
     return torch.cat(out)
 
 
-def main(argv=None):
-    try:
-        given, _ = parse_settings(argv, "GEN_", __doc__)
-        cfg = resolve_settings(given, "GEN_")
-        device = resolve_device(cfg.device)
-        state, path = load_checkpoint(cfg.checkpoint)
-        seeds = parse_seeds(cfg)
-        labels = labels_for(state, cfg.label, len(seeds))
-        G = load_generator(state, device)
-        images = generate(G, seed_latents(seeds, G.z_dim), labels, cfg.truncation, cfg.noise_mode, cfg.batch, device)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(cfg.out_dir)
+# ---------------------------------------------------------------------------------------
+# samples, truncation, losses
+# ---------------------------------------------------------------------------------------
+def run_samples(cfg, state, G, device, out):
+    seeds = parse_seeds(cfg.seeds, range(cfg.n))
+    labels = labels_for(state, cfg.label, len(seeds))
+    images = generate(G, seed_latents(seeds, G.z_dim), labels, cfg.truncation, cfg.noise_mode, cfg.batch, device)
     names = state["class_names"]
     for i, (seed, image) in enumerate(zip(seeds, images)):
         suffix = f"_{names[labels[i]]}" if labels is not None else ""
         save_image(image, out / f"seed{seed:04d}{suffix}.png")
     save_grid(images, out / "grid.png", ncol=8)
     plot_losses({k: v.tolist() for k, v in state["history"].items()}, out / "losses.png")
-    print(f"{len(seeds)} images from {path} (step {state['step']}, truncation {cfg.truncation}) -> {out}")
+    return f"{len(seeds)} images (truncation {cfg.truncation})"
+
+
+def truncation_grid(cfg, state, G, device):
+    """Images (rows, seeds, C, R, R) for each class (or --label) at each psi, and the row labels."""
+    seeds = parse_seeds(cfg.seeds, range(8))
+    psis = parse_floats(cfg.psis, "--psis")
+    classes = [cfg.label] if cfg.label else (state["class_names"] if G.num_classes else [""])
+    z = seed_latents(seeds, G.z_dim)
+    images, rows = [], []
+    for name in classes:
+        labels = labels_for(state, name, len(seeds))
+        for psi in psis:
+            images.append(generate(G, z, labels, psi, cfg.noise_mode, cfg.batch, device))
+            rows.append(f"{name} ψ = {psi:g}".strip())
+    return torch.stack(images), rows
+
+
+def run_truncation(cfg, state, G, device, out):
+    images, rows = truncation_grid(cfg, state, G, device)
+    seeds = parse_seeds(cfg.seeds, range(8))
+    save_labelled_grid(images.flatten(0, 1), out / "truncation.png", len(seeds), rows, [str(s) for s in seeds],
+                       title="truncation: w = w_avg + ψ (w - w_avg); columns are seeds")
+    return f"truncation grid: {len(rows)} rows x {len(seeds)} seeds"
+
+
+def run_losses(cfg, state, G, device, out):
+    plot_losses({k: v.tolist() for k, v in state["history"].items()}, out / "losses.png")
+    written = "losses.png"
+    if state.get("metrics"):
+        plot_metrics(state["metrics"], out / "metrics.png")
+        written += " and metrics.png"
+    return written
+
+
+# ---------------------------------------------------------------------------------------
+# Style mixing
+# ---------------------------------------------------------------------------------------
+def parse_layers(text, num_ws):
+    """'A-B' (or 'A') -> style layer indices A..B, checked against the model's number of styles."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
+    if not m:
+        raise UserError(f"--mix-layers takes a layer range START-END such as 0-3, got {text!r}")
+    first, last = int(m[1]), int(m[2] if m[2] else m[1])
+    if not first <= last < num_ws:
+        raise UserError(f"--mix-layers {text}: this model has style layers 0-{num_ws - 1} (two per resolution)")
+    return list(range(first, last + 1))
+
+
+def mix_styles(w_rows, w_cols, layers, num_ws):
+    """w (R, w_dim) and (C, w_dim) -> styles (R, C, num_ws, w_dim): the column's w except at `layers`,
+    which take the row's w."""
+    ws = w_cols[None, :, None].repeat(len(w_rows), 1, num_ws, 1)
+    ws[:, :, layers] = w_rows[:, None, None]
+    return ws
+
+
+def run_mixing(cfg, state, G, device, out):
+    """Figure 3 of the StyleGAN paper: column images on top, row images on the left, their mixes inside."""
+    rows, cols = parse_seeds(cfg.seeds, range(4)), parse_seeds(cfg.mix_seeds, flag="--mix-seeds")
+    if not cols:
+        raise UserError("--mix-seeds needs at least one seed")
+    layers = parse_layers(cfg.mix_layers, G.num_ws)
+    w_rows = mapped(G, seed_latents(rows, G.z_dim), labels_for(state, cfg.label, len(rows)), cfg.truncation, device)
+    w_cols = mapped(G, seed_latents(cols, G.z_dim), labels_for(state, cfg.label, len(cols)), cfg.truncation, device)
+    mixed = synthesize(G, mix_styles(w_rows, w_cols, layers, G.num_ws).flatten(0, 1), cfg.noise_mode, cfg.batch, device)
+    row_images, col_images = (synthesize(G, w, cfg.noise_mode, cfg.batch, device) for w in (w_rows, w_cols))
+    tiles = [torch.full_like(row_images[:1], -1), col_images]
+    for i in range(len(rows)):
+        tiles += [row_images[i:i + 1], mixed[i * len(cols):(i + 1) * len(cols)]]
+    save_grid(torch.cat(tiles), out / "mixing.png", ncol=len(cols) + 1)
+    return f"style mixing {len(rows)} x {len(cols)}, row styles at layers {layers[0]}-{layers[-1]} of {G.num_ws}"
+
+
+# ---------------------------------------------------------------------------------------
+# Interpolation
+# ---------------------------------------------------------------------------------------
+def lerp(a, b, t):
+    """Linear interpolation of (N, D) end points at fractions t (F,) -> (N, F, D)."""
+    return a[:, None] + t[None, :, None] * (b - a)[:, None]
+
+
+def slerp(a, b, t):
+    """Spherical interpolation between the directions of a and b (N, D) at fractions t (F,) -> (N, F, D),
+    unit vectors; the mapping network's pixel norm makes z's length irrelevant."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    omega = torch.acos((a * b).sum(-1).clamp(-1, 1))[:, None, None]  # (N, 1, 1)
+    t = t[None, :, None]
+    if float(omega.min()) < 1e-4:  # (nearly) the same direction
+        return F.normalize(lerp(a, b, t[0, :, 0]), dim=-1)
+    return (torch.sin((1 - t) * omega) * a[:, None] + torch.sin(t * omega) * b[:, None]) / torch.sin(omega)
+
+
+def seed_path_ws(G, state, cfg, seeds, frames, device):
+    """w (1, P, w_dim) along the path through the seeds, `frames` per segment (segments share end points)."""
+    label = labels_for(state, cfg.label, 1)  # one class for the whole path
+    z = seed_latents(seeds, G.z_dim)
+    t = torch.linspace(0, 1, frames)
+    if cfg.space == "w":
+        w = mapped(G, z, label.expand(len(z)) if label is not None else None, cfg.truncation, device)
+        segments = lerp(w[:-1], w[1:], t)  # (S-1, F, w_dim)
+    else:
+        zs = slerp(z[:-1], z[1:], t).flatten(0, 1)  # ((S-1) F, z_dim)
+        w = mapped(G, zs, label.expand(len(zs)) if label is not None else None, cfg.truncation, device)
+        segments = w.reshape(len(seeds) - 1, frames, -1)
+    return torch.cat([segments[0]] + [s[1:] for s in segments[1:]])[None]
+
+
+def class_path_ws(G, cfg, seeds, frames, device):
+    """w (S, F, w_dim) from the first class to the second at each seed's z: linear in W between the two
+    class-conditioned w, or (--space z) linear in the class embedding fed to the mapping network."""
+    z = seed_latents(seeds, G.z_dim)
+    t = torch.linspace(0, 1, frames)
+    if cfg.space == "w":
+        w0, w1 = (mapped(G, z, torch.full([len(seeds)], k), cfg.truncation, device) for k in (0, 1))
+        return lerp(w0, w1, t)
+    onehot = torch.eye(G.num_classes)
+    weights = lerp(onehot[:1], onehot[1:2], t)[0]  # (F, K)
+    zs = z.repeat_interleave(frames, 0)
+    w = mapped(G, zs, weights.repeat(len(seeds), 1), cfg.truncation, device)
+    return w.reshape(len(seeds), frames, -1)
+
+
+def run_interpolate(cfg, state, G, device, out):
+    if cfg.interp == "classes":
+        require_classes(G, "--interp classes")
+        seeds = parse_seeds(cfg.seeds, range(2))
+        ws = class_path_ws(G, cfg, seeds, cfg.frames, device)
+        names = state["class_names"]
+        what = f"{names[0]} -> {names[1]} at seeds {','.join(map(str, seeds))}"
+    else:
+        seeds = parse_seeds(cfg.seeds, range(2))
+        if len(seeds) < 2:
+            raise UserError(f"--interp seeds needs at least two --seeds, got {cfg.seeds!r}")
+        ws = seed_path_ws(G, state, cfg, seeds, cfg.frames, device)
+        what = f"seeds {' -> '.join(map(str, seeds))}"
+    rows, steps = ws.shape[:2]
+    images = synthesize(G, ws.flatten(0, 1), cfg.noise_mode, cfg.batch, device)  # (rows * steps, C, R, R)
+    save_grid(images, out / "interpolation.png", ncol=steps)
+    save_gif(images.reshape(rows, steps, *images.shape[1:]).transpose(0, 1), out / "interpolation.gif", ncol=rows)
+    return f"interpolation {what}, {steps} frames in {cfg.space.upper()}"
+
+
+# ---------------------------------------------------------------------------------------
+# Projection of real slices into W (StyleGAN2's projector, with the discriminator as perceptual space)
+# ---------------------------------------------------------------------------------------
+PROJECT_W_SAMPLES = 10000  # z samples for the mean and spread of w
+PROJECT_W_NOISE = 0.05  # start of the noise added to w (times its spread), ramped down to 0 ...
+PROJECT_W_NOISE_RAMP = 0.75  # ... over this fraction of the steps
+PROJECT_LR_RAMPUP, PROJECT_LR_RAMPDOWN = 0.05, 0.25  # fractions of the steps
+PROJECT_SEED = 0
+
+
+def discriminator_features(D, images):
+    """The discriminator's activations at every resolution, each unit-normalised across channels per pixel."""
+    x = D.from_img(images)
+    features = [x]
+    for block in D.blocks:
+        x = block(x)
+        features.append(x)
+    return [f * (f.square().sum(1, keepdim=True) + 1e-8).rsqrt() for f in features]
+
+
+def feature_distance(features_a, features_b):
+    """Per-image mean squared distance of normalised features, summed over resolutions (LPIPS-like) -> (N,)."""
+    return sum((a - b).square().sum(1).mean((1, 2)) for a, b in zip(features_a, features_b))
+
+
+def noise_regularizer(maps):
+    """Squared autocorrelation of each noise map with its 1-pixel shifts, over a pyramid of scales -> (N,)."""
+    loss = 0
+    for noise in maps:
+        while True:
+            loss = loss + (noise * noise.roll(1, 3)).mean((1, 2, 3)).square()
+            loss = loss + (noise * noise.roll(1, 2)).mean((1, 2, 3)).square()
+            if noise.shape[2] <= 8:
+                break
+            noise = F.avg_pool2d(noise, 2)
+    return loss
+
+
+def projection_lr(t, peak):
+    """Learning rate at fraction t of the optimisation: linear ramp-up, cosine ramp-down."""
+    ramp = min(1.0, (1 - t) / PROJECT_LR_RAMPDOWN)
+    ramp = 0.5 - 0.5 * math.cos(ramp * math.pi)
+    return peak * ramp * min(1.0, t / PROJECT_LR_RAMPUP)
+
+
+@torch.no_grad()
+def w_statistics(G, weights, device, generator):
+    """Mean w of each target's class (weights (N, K), or None) -> (N, w_dim), and the spread of w."""
+    z = torch.randn(PROJECT_W_SAMPLES, G.z_dim, generator=generator).to(device)
+    if weights is None:
+        w = G.mapping(z)
+        return w.mean(0, keepdim=True), float(w.var(0).sum().sqrt())
+    means, spread = [], []
+    for row in weights.to(device):
+        w = G.mapping(z, row.expand(len(z), -1))
+        means.append(w.mean(0))
+        spread.append(float(w.var(0).sum().sqrt()))
+    return torch.stack(means), float(np.mean(spread))
+
+
+def project(G, D, targets, weights, cfg, device, snapshots=0):
+    """Optimise w (or W+) and per-image noise maps so that G's images match `targets` (N, C, R, R) in
+    [-1, 1]: pixel MSE + the discriminator-feature distance + the noise regulariser, with the w
+    noise and learning-rate schedule of the StyleGAN2 projector. `weights` (N, K) pick each target's
+    class mean as the start (None: unconditional). Returns a dict of ws (N, num_ws, w_dim), noise
+    maps, images, the pixel MSE before and after (N,), and `snapshots` image sets along the way."""
+    G = copy.deepcopy(G)
+    generator = torch.Generator().manual_seed(PROJECT_SEED)
+    w_mean, w_spread = w_statistics(G, weights, device, generator)
+    n = len(targets)
+    w_opt = w_mean.expand(n, -1)[:, None].repeat(1, G.num_ws if cfg.project_space == "w+" else 1, 1)
+    w_opt.requires_grad_(True)
+    maps = []
+    for layer in G.modules():
+        if isinstance(layer, NoiseInjection):
+            size = layer.const_noise.shape[-1]
+            layer.const_noise = torch.randn(n, 1, size, size, generator=generator).to(device).requires_grad_(True)
+            maps.append(layer.const_noise)
+    targets = targets.to(device)
+    with torch.no_grad():
+        target_features = discriminator_features(D, targets)
+    optimizer = torch.optim.Adam([w_opt] + maps, betas=(0.9, 0.999), lr=cfg.project_lr)
+    keep = set(np.linspace(0, cfg.project_steps - 1, snapshots).round().astype(int)) if snapshots else set()
+    with torch.no_grad():
+        start = (G.synthesis(w_opt.expand(-1, G.num_ws, -1), noise_mode="const") - targets).square().mean((1, 2, 3))
+    pictures = []
+    for step in range(cfg.project_steps):
+        t = step / cfg.project_steps
+        for group in optimizer.param_groups:
+            group["lr"] = projection_lr(t, cfg.project_lr)
+        scale = w_spread * PROJECT_W_NOISE * max(0.0, 1 - t / PROJECT_W_NOISE_RAMP) ** 2
+        jitter = torch.randn(w_opt.shape, generator=generator).to(device) * scale
+        images = G.synthesis((w_opt + jitter).expand(-1, G.num_ws, -1), noise_mode="const")
+        pixel = (images - targets).square().mean((1, 2, 3))
+        loss = pixel + cfg.project_features * feature_distance(discriminator_features(D, images), target_features)
+        loss = loss + cfg.project_noise_reg * noise_regularizer(maps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        optimizer.step()
+        with torch.no_grad():
+            for m in maps:  # keep each noise map zero-mean and unit-variance
+                m.sub_(m.mean((1, 2, 3), keepdim=True)).mul_(m.square().mean((1, 2, 3), keepdim=True).rsqrt())
+            if step in keep:
+                pictures.append(G.synthesis(w_opt.expand(-1, G.num_ws, -1), noise_mode="const").cpu())
+    with torch.no_grad():
+        ws = w_opt.detach().expand(-1, G.num_ws, -1)
+        images = G.synthesis(ws, noise_mode="const")
+        end = (images - targets).square().mean((1, 2, 3)).cpu()
+    return dict(ws=ws.cpu(), noise=[m.detach().cpu() for m in maps], images=images.cpu(), pixel_start=start.cpu(),
+                pixel_end=end, snapshots=pictures)
+
+
+def reconstruction_scores(images, targets):
+    """PSNR (dB) and SSIM of the saved (8-bit) images against the targets, per image."""
+    from evaluate import ssim  # evaluate.py imports this module
+    a, b = quantize_uint8(images).float(), quantize_uint8(targets).float()
+    mse = (a - b).square().mean((1, 2, 3)).clamp_min(1e-10)
+    return 10 * torch.log10(255**2 / mse), ssim(a, b, data_range=255.0)
+
+
+def run_config(state, data_root=""):
+    """The checkpoint's training settings (resolution, image mode, ...), with `data_root` when given."""
+    return resolve_settings({"DATA_ROOT": data_root} if data_root else {}, "", base=state["config"])
+
+
+def load_target(path, run):
+    """The real slice to project, prepared as training prepared its data -> (1, C, R, R) in [-1, 1]."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--target: image not found: {path}")
+    try:
+        array = load_image(path, run.resolution, run.image_mode, run.resize_mode)
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        raise UserError(f"cannot read image {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return to_model_range(torch.from_numpy(array.copy()))[None]
+
+
+def run_project(cfg, state, G, device, out):
+    if not cfg.target:
+        raise UserError("--mode project needs --target IMAGE (a real slice)")
+    target = load_target(cfg.target, run_config(state))
+    weights = None
+    if G.num_classes:
+        weights = (F.one_hot(torch.tensor([class_index(state, cfg.label)]), G.num_classes).float() if cfg.label
+                   else torch.full([1, G.num_classes], 1 / G.num_classes))
+    result = project(G, load_discriminator(state, device), target, weights, cfg, device, snapshots=cfg.frames)
+    psnr, ssim = (float(v[0]) for v in reconstruction_scores(result["images"], target))
+    stem = out / Path(cfg.target).stem
+    save_image(target[0], f"{stem}_target.png")
+    save_image(result["images"][0], f"{stem}_projected.png")
+    steps = torch.cat(result["snapshots"] + [target])
+    save_grid(steps, f"{stem}_steps.png", ncol=len(steps))
+    save_gif(torch.stack([torch.cat([s, target]) for s in result["snapshots"]]), f"{stem}_steps.gif", ncol=2)
+    w = result["ws"][0, 0] if cfg.project_space == "w" else result["ws"][0]
+    np.save(f"{stem}_w.npy", w.numpy())
+    np.savez(f"{stem}_noise.npz", *[m[0, 0].numpy() for m in result["noise"]])
+    report = dict(target=str(cfg.target), space=cfg.project_space, steps=cfg.project_steps, psnr_db=psnr, ssim=ssim,
+                  pixel_mse_start=float(result["pixel_start"][0]), pixel_mse_end=float(result["pixel_end"][0]))
+    save_json(report, f"{stem}_projection.json")
+    return (f"projected {cfg.target} in {cfg.project_space.upper()} ({cfg.project_steps} steps): PSNR {psnr:.2f} dB, "
+            f"SSIM {ssim:.3f}, pixel MSE {report['pixel_mse_start']:.4f} -> {report['pixel_mse_end']:.4f}")
+
+
+# ---------------------------------------------------------------------------------------
+# Style-space plot
+# ---------------------------------------------------------------------------------------
+def separability(w, classes, seed=0):
+    """Five-fold cross-validated accuracy of a logistic regression telling the classes apart from w,
+    and the accuracy of always guessing the largest class."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    counts = np.bincount(classes)
+    folds = StratifiedKFold(n_splits=int(min(5, counts[counts > 0].min())), shuffle=True, random_state=seed)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    accuracy = cross_val_score(model, w, classes, cv=folds).mean()
+    return float(accuracy), float(counts.max() / counts.sum())
+
+
+def projected_reals(cfg, state, G, device):
+    """w of --tsne-real real slices per class from --data-root, projected into W -> (w (M, w_dim), classes (M,))."""
+    data = load_slices(run_config(state, cfg.data_root))
+    names = data.class_names or [""]
+    if G.num_classes and data.class_names != state["class_names"]:
+        raise UserError(f"--data-root classes {data.class_names} differ from the model's {state['class_names']}")
+    pick = []
+    for k in range(len(names)):
+        members = torch.nonzero(data.labels == k)[:, 0]
+        order = torch.randperm(len(members), generator=torch.Generator().manual_seed(k))
+        pick.append(members[order[:cfg.tsne_real]])
+    pick = torch.cat(pick)
+    targets, classes = to_model_range(data.images[pick]), data.labels[pick]
+    D, ws = load_discriminator(state, device), []
+    for i in range(0, len(pick), cfg.batch):
+        batch = classes[i:i + cfg.batch]
+        weights = F.one_hot(batch, G.num_classes).float() if G.num_classes else None
+        ws.append(project(G, D, targets[i:i + cfg.batch], weights, cfg, device)["ws"][:, 0])
+        print(f"projected {min(i + cfg.batch, len(pick))}/{len(pick)} real slices", flush=True)
+    return torch.cat(ws).numpy(), classes.numpy(), names
+
+
+def plot_style_space(points, path, title):
+    """t-SNE and PCA panels of w; `points` is a list of (w (M, w_dim), label, colour, marker)."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+    w = np.concatenate([p[0] for p in points])
+    tsne = TSNE(2, perplexity=min(30.0, (len(w) - 1) / 3), init="pca", random_state=0)
+    embeddings = [("t-SNE", tsne.fit_transform(w)), ("PCA", PCA(2, random_state=0).fit_transform(w))]
+    fig, axes = pyplot().subplots(1, 2, figsize=(12, 5.5))
+    for ax, (name, xy) in zip(axes, embeddings):
+        start = 0
+        for pts, label, colour, marker in points:
+            part = xy[start:start + len(pts)]
+            start += len(pts)
+            big = marker != "."
+            ax.scatter(part[:, 0], part[:, 1], s=40 if big else 8, c=colour, marker=marker,
+                       alpha=0.9 if big else 0.45, label=label, linewidths=1.2 if big else 0)
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[1].legend(loc="best", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def run_tsne(cfg, state, G, device, out):
+    names = state["class_names"] if G.num_classes else [""]
+    z = seed_latents(range(cfg.tsne_n), G.z_dim)
+    points, report, gen_w = [], dict(generated_per_class=cfg.tsne_n), []
+    for k, name in enumerate(names):
+        labels = torch.full([cfg.tsne_n], k) if G.num_classes else None
+        gen_w.append(mapped(G, z, labels, 1.0, device).numpy())
+        colour = CLASS_COLOURS[k % len(CLASS_COLOURS)] if G.num_classes else "0.5"
+        points.append((gen_w[-1], f"{name} generated".strip(), colour, "."))
+    lines = []
+    if G.num_classes:
+        acc, chance = separability(np.concatenate(gen_w), np.repeat(np.arange(len(names)), cfg.tsne_n))
+        report["generated"] = dict(accuracy=acc, chance=chance)
+        lines.append(f"generated w: {acc:.3f} (chance {chance:.3f})")
+    if cfg.data_root:
+        real_w, real_classes, real_names = projected_reals(cfg, state, G, device)
+        for k, name in enumerate(real_names):
+            points.append((real_w[real_classes == k], f"{name} real, projected".strip(),
+                           CLASS_COLOURS[k % len(CLASS_COLOURS)], "x"))
+        report["real_projected_per_class"] = cfg.tsne_real
+        if len(real_names) > 1:
+            acc, chance = separability(real_w, real_classes)
+            report["real_projected"] = dict(accuracy=acc, chance=chance)
+            lines.append(f"projected real w: {acc:.3f} (chance {chance:.3f})")
+    title = "style space W" + (f" - linear classifier, 5-fold accuracy: {'; '.join(lines)}" if lines else "")
+    plot_style_space(points, out / "style_space.png", title)
+    save_json(report, out / "style_space.json")
+    return f"{title} (style_space.png)"
+
+
+MODES = dict(samples=run_samples, mixing=run_mixing, interpolate=run_interpolate, tsne=run_tsne,
+             truncation=run_truncation, project=run_project, losses=run_losses)
+
+
+def main(argv=None):
+    try:
+        given, _ = parse_settings(argv, "GEN_", __doc__)
+        cfg = resolve_settings(given, "GEN_")
+        device = resolve_device(cfg.device)
+        state, path = load_checkpoint(cfg.checkpoint)
+        G = load_generator(state, device)
+        if cfg.label and cfg.mode not in ("samples", "mixing", "interpolate", "truncation", "project"):
+            raise UserError(f"--label is not used by --mode {cfg.mode}")
+        if cfg.label:
+            class_index(state, cfg.label)
+        summary = MODES[cfg.mode](cfg, state, G, device, Path(cfg.out_dir))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{summary}; from {path} (step {state['step']}) -> {cfg.out_dir}")
     return 0
 
 

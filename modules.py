@@ -98,15 +98,19 @@ class MappingNetwork(nn.Module):
         self.register_buffer("w_avg", torch.zeros(max(num_classes, 1), w_dim))
 
     def forward(self, z, labels=None, truncation=1.0, update_w_avg=False):  # (N, z_dim) -> (N, w_dim)
+        """`labels` are class indices (N,), or class weights (N, num_classes) for a mixture of classes."""
         x = pixel_norm(z)
+        mixture = labels is not None and labels.is_floating_point()
         if self.num_classes:
-            x = torch.cat([x, pixel_norm(self.embed(F.one_hot(labels, self.num_classes).to(z.dtype)))], dim=1)
+            weights = labels.to(z.dtype) if mixture else F.one_hot(labels, self.num_classes).to(z.dtype)
+            x = torch.cat([x, pixel_norm(self.embed(weights))], dim=1)
         w = self.layers(x)
         group = labels if self.num_classes else torch.zeros(len(w), dtype=torch.long, device=w.device)
         if update_w_avg:
             self._track_w_avg(w.detach(), group)
         if truncation != 1:
-            w = self.w_avg[group].lerp(w, truncation)
+            center = weights @ self.w_avg if mixture else self.w_avg[group]  # (N, w_dim)
+            w = center.lerp(w, truncation)
         return w
 
     @torch.no_grad()

@@ -320,25 +320,75 @@ def to_uint8(images):
 
 def save_image(image, path):
     """Save one (C, H, W) image in [-1, 1] as PNG (grayscale when C == 1)."""
-    from PIL import Image
-    arr = to_uint8(image[None])[0]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(path)
+    _pil(to_uint8(image[None])[0]).save(path)
 
 
-def save_grid(images, path, ncol=8, pad=2):
-    """Tile (N, C, H, W) images in [-1, 1] into one PNG with `ncol` columns."""
-    from PIL import Image
+def grid_array(images, ncol=8, pad=2, fill=0):
+    """Tile (N, C, H, W) images in [-1, 1] into one (H', W', C) uint8 array with `ncol` columns."""
     arr = to_uint8(images)
     n, h, w, c = arr.shape
     ncol = min(ncol, n)
     nrow = math.ceil(n / ncol)
-    grid = np.zeros((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), np.uint8)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), fill, np.uint8)
     for i in range(n):
         r, q = divmod(i, ncol)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = arr[i]
+    return grid
+
+
+def _pil(array):
+    from PIL import Image
+    return Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+
+
+def save_grid(images, path, ncol=8, pad=2):
+    """Tile (N, C, H, W) images in [-1, 1] into one PNG with `ncol` columns."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    _pil(grid_array(images, ncol, pad)).save(path)
+
+
+def save_gif(frames, path, ncol=8, duration_ms=120, bounce=True):
+    """An animated GIF from frames (F, N, C, H, W) in [-1, 1]: each frame tiles its N images; with
+    `bounce` it plays forward then back, so the loop has no jump."""
+    order = list(range(len(frames))) + (list(range(len(frames) - 2, 0, -1)) if bounce else [])
+    pictures = [_pil(grid_array(frames[i], ncol)) for i in order]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=duration_ms, loop=0)
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi=100):
+    """Write a Matplotlib figure (creating its folder) and close it."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
+def save_labelled_grid(images, path, ncol, row_labels, col_labels=(), title=""):
+    """A grid of (N, C, H, W) images in [-1, 1] with a label left of each row (and above each column)."""
+    plt = pyplot()
+    grid = grid_array(images, ncol)
+    h, pad = images.shape[-2], 2
+    fig, ax = plt.subplots(figsize=(2 + grid.shape[1] / 64, 0.6 + grid.shape[0] / 64))
+    ax.imshow(grid[..., 0] if grid.shape[2] == 1 else grid, cmap="gray", vmin=0, vmax=255)
+    centres = [pad + i * (h + pad) + h / 2 for i in range(max(len(row_labels), len(col_labels)))]
+    ax.set_yticks(centres[:len(row_labels)], row_labels)
+    ax.set_xticks(centres[:len(col_labels)], col_labels)
+    ax.tick_params(length=0)
+    ax.xaxis.tick_top()
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=10, pad=20 if col_labels else 6)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
 
 
 def smooth(values, window):
@@ -354,9 +404,7 @@ def smooth(values, window):
 
 def plot_losses(history, path):
     """Generator and discriminator losses per iteration: raw (faint) and smoothed, one panel each."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     panels = [("loss_gen", "generator loss"), ("loss_critic", "discriminator loss")]
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 6), sharex=True)
     for ax, (key, title) in zip(axes, panels):
@@ -370,16 +418,12 @@ def plot_losses(history, path):
         ax.legend(loc="upper right")
     axes[-1].set_xlabel("iteration")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_metrics(metrics, path):
     """Evaluation figures over training (one panel per metric group) against thousands of images seen."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     panels = [(["swd"] + sorted({k for m in metrics for k in m if k.startswith("swd_")}, key=lambda k: -int(k[4:])),
                "sliced Wasserstein distance x1e3"),
               (["ms_ssim_fake", "ms_ssim_real"], "MS-SSIM of random pairs (diversity)"),
@@ -395,6 +439,4 @@ def plot_metrics(metrics, path):
         ax.legend(loc="upper right", fontsize=8)
     axes[-1, 0].set_xlabel("thousands of real images shown to D")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

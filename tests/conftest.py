@@ -1,5 +1,6 @@
 """Shared test setup: make the flat-script modules importable and build tiny image folders."""
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -15,6 +16,21 @@ if str(REPO_ROOT) not in sys.path:
 # shared with another busy process, 2 OpenMP threads run ~20x slower than 1 (spinning threads
 # fight over the cores). Override with TEST_TORCH_THREADS=N.
 torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))
+
+
+def assert_user_error(capsys, code, *needles):
+    """Exit status 2, exactly one error line on stderr, mentioning each needle, no traceback.
+    (tqdm progress bars, which also go to stderr and end in \\r, are not error lines.)"""
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = [line for line in re.split(r"[\r\n]", err)
+             if line.strip() and not line.startswith("loading images")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
 
 
 def write_images(folder, n, size=32, mode="L", seed=0, ext="png", prefix="img"):
@@ -77,4 +93,13 @@ def cond_run(data, tmp_path_factory):
     import train
     out = tmp_path_factory.mktemp("cond")
     assert train.main(smoke(data, out, "--epochs", "2", "--conditional")) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def uncond_run(data, tmp_path_factory):
+    """A 4-iteration unconditional smoke run on the shared AD_NC folder (its classes ignored)."""
+    import train
+    out = tmp_path_factory.mktemp("uncond")
+    assert train.main(smoke(data, out, "--max-steps", "4")) == 0
     return out

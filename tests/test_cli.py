@@ -1,12 +1,11 @@
 """Command-line behaviour of train.py and generate_images.py, called in-process through main(argv):
 bad input is exit status 2 with one line on stderr naming the flag, never a traceback; settings
 resolve as defaults < preset < explicit flags."""
-import re
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_images
+from conftest import assert_user_error, write_images
 from PIL import Image
 
 import constants
@@ -15,21 +14,6 @@ import train
 import utils
 
 SMOKE = ["--preset", "smoke", "--device", "cpu"]
-
-
-def assert_user_error(capsys, code, *needles):
-    """Exit status 2, exactly one error line on stderr, mentioning each needle, no traceback.
-    (tqdm progress bars, which also go to stderr and end in \\r, are not error lines.)"""
-    out, err = capsys.readouterr()
-    assert code == 2, (out, err)
-    assert "Traceback" not in err and "Traceback" not in out
-    lines = [line for line in re.split(r"[\r\n]", err)
-             if line.strip() and not line.startswith("loading images")]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

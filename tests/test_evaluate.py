@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import smoke
-from test_cli import assert_user_error
+from conftest import assert_user_error, smoke
 
 import evaluate
 import train

@@ -259,6 +259,23 @@ def test_mapping_conditional_label_changes_w():
     assert not torch.allclose(a, b, atol=1e-4)
 
 
+def test_mapping_class_weights_mix_classes():
+    """Class weights (N, K) instead of indices: one-hot rows give the class's w exactly; a 50/50 mix
+    lies between the classes, and truncates towards the mixed class means."""
+    torch.manual_seed(0)
+    m = MappingNetwork(16, 16, 2, num_classes=2)
+    m.w_avg.copy_(torch.randn(2, 16))
+    z = torch.randn(3, 16)
+    for k in (0, 1):
+        onehot = torch.nn.functional.one_hot(torch.full([3], k), 2).float()
+        assert torch.equal(m(z, onehot), m(z, torch.full([3], k)))
+        assert torch.equal(m(z, onehot, truncation=0.5), m(z, torch.full([3], k), truncation=0.5))
+    half = torch.full([3, 2], 0.5)
+    mixed, a, b = m(z, half), m(z, torch.zeros(3, dtype=torch.long)), m(z, torch.ones(3, dtype=torch.long))
+    assert not torch.allclose(mixed, a, atol=1e-4) and not torch.allclose(mixed, b, atol=1e-4)
+    assert torch.allclose(m(z, half, truncation=0.0), m.w_avg.mean(0).expand(3, -1), atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------
 # Generator
 # ---------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from conftest import smoke
 from PIL import Image
@@ -115,20 +114,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, mon
     assert (tmp_path / "Models" / "checkpoint_00000006.pt").read_bytes() == before
 
 
-@pytest.fixture(scope="module")
-def conditional_run(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cond")
-    assert train.main(smoke(data, out, "--max-steps", "4", "--conditional")) == 0
-    return out
-
-
 def read(path):
     return np.asarray(Image.open(path))
 
 
-def test_generate_writes_requested_files(conditional_run, tmp_path):
+def test_generate_writes_requested_files(cond_run, tmp_path):
     out = tmp_path / "gen"
-    rc = generate_images.main(["--checkpoint", str(conditional_run / "Models"), "--out-dir", str(out),
+    rc = generate_images.main(["--checkpoint", str(cond_run / "Models"), "--out-dir", str(out),
                                "--seeds", "3,5,8", "--label", "NC"])
     assert rc == 0
     assert sorted(p.name for p in out.glob("seed*.png")) == ["seed0003_NC.png", "seed0005_NC.png", "seed0008_NC.png"]
@@ -136,26 +128,30 @@ def test_generate_writes_requested_files(conditional_run, tmp_path):
     assert read(out / "seed0003_NC.png").shape == (32, 32)
 
 
-def test_same_seed_same_image(conditional_run, tmp_path):
-    args = ["--checkpoint", str(conditional_run / "Models"), "--seeds", "7,11", "--label", "AD"]
+def test_same_seed_same_image(cond_run, tmp_path):
+    """The same seeds and settings give the same PNGs; another batch size or seed list changes only the
+    float rounding of the batched arithmetic (at most one grey level)."""
+    args = ["--checkpoint", str(cond_run / "Models"), "--seeds", "7,11", "--label", "AD"]
     assert generate_images.main(args + ["--out-dir", str(tmp_path / "a")]) == 0
+    assert generate_images.main(args + ["--out-dir", str(tmp_path / "a2")]) == 0
     assert generate_images.main(args + ["--out-dir", str(tmp_path / "b"), "--batch", "1"]) == 0
-    assert generate_images.main(["--checkpoint", str(conditional_run / "Models"), "--seeds", "7",
+    assert generate_images.main(["--checkpoint", str(cond_run / "Models"), "--seeds", "7",
                                  "--label", "AD", "--out-dir", str(tmp_path / "c")]) == 0
-    a = read(tmp_path / "a" / "seed0007_AD.png")
-    assert np.array_equal(a, read(tmp_path / "b" / "seed0007_AD.png"))
-    assert np.array_equal(a, read(tmp_path / "c" / "seed0007_AD.png"))
-    assert not np.array_equal(a, read(tmp_path / "a" / "seed0011_AD.png"))
+    a = read(tmp_path / "a" / "seed0007_AD.png").astype(int)
+    assert np.array_equal(a, read(tmp_path / "a2" / "seed0007_AD.png"))
+    assert np.abs(a - read(tmp_path / "b" / "seed0007_AD.png")).max() <= 1
+    assert np.abs(a - read(tmp_path / "c" / "seed0007_AD.png")).max() <= 1
+    assert np.abs(a - read(tmp_path / "a" / "seed0011_AD.png")).max() > 20
 
 
-def test_truncation_zero_gives_the_class_mean_image(conditional_run, tmp_path):
-    assert generate_images.main(["--checkpoint", str(conditional_run / "Models"), "--out-dir", str(tmp_path),
+def test_truncation_zero_gives_the_class_mean_image(cond_run, tmp_path):
+    assert generate_images.main(["--checkpoint", str(cond_run / "Models"), "--out-dir", str(tmp_path),
                                  "--seeds", "1,2", "--label", "AD", "--truncation", "0"]) == 0
     assert np.array_equal(read(tmp_path / "seed0001_AD.png"), read(tmp_path / "seed0002_AD.png"))
 
 
-def test_scripts_run_as_commands(conditional_run, tmp_path):
-    gen = subprocess.run([sys.executable, "generate_images.py", "--checkpoint", str(conditional_run / "Models"),
+def test_scripts_run_as_commands(cond_run, tmp_path):
+    gen = subprocess.run([sys.executable, "generate_images.py", "--checkpoint", str(cond_run / "Models"),
                           "--out-dir", str(tmp_path), "--n", "2"], cwd=REPO, capture_output=True, text=True)
     assert gen.returncode == 0, gen.stderr
     assert len(list(tmp_path.glob("seed*.png"))) == 2
