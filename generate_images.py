@@ -298,7 +298,12 @@ def run_interpolate(cfg, state, G, device, out):
     rows, steps = ws.shape[:2]
     images = synthesize(G, ws.flatten(0, 1), cfg.noise_mode, cfg.batch, device)  # (rows * steps, C, R, R)
     save_grid(images, out / "interpolation.png", ncol=steps)
-    save_gif(images.reshape(rows, steps, *images.shape[1:]).transpose(0, 1), out / "interpolation.gif", ncol=rows)
+    frames = images.reshape(rows, steps, *images.shape[1:])  # (rows, steps, C, R, R)
+    save_gif(frames.transpose(0, 1), out / "interpolation.gif", ncol=rows)
+    if cfg.interp == "classes":  # per seed: first class, second class, and their difference (grey = 0)
+        first, last = frames[:, 0].clamp(-1, 1), frames[:, -1].clamp(-1, 1)  # as the PNGs show them
+        table = torch.stack([first, last, (last - first).clamp(-1, 1)], 1)  # (rows, 3, C, R, R)
+        save_grid(table.flatten(0, 1), out / "class_difference.png", ncol=3)
     return f"interpolation {what}, {steps} frames in {cfg.space.upper()}"
 
 

@@ -78,6 +78,20 @@ def test_noise_regularizer_penalises_correlated_noise():
     assert gi.noise_regularizer([white]).item() < 0.01 < gi.noise_regularizer([smooth]).item()
 
 
+def test_discriminator_features_are_unit_per_pixel_and_distance_is_zero_only_for_equal_images():
+    from modules import Discriminator
+    torch.manual_seed(0)
+    D = Discriminator(32, 1, channel_base=256, channel_max=16).eval()
+    a, b = torch.randn(2, 1, 32, 32), torch.randn(2, 1, 32, 32)
+    fa = gi.discriminator_features(D, a)
+    assert [f.shape[-1] for f in fa] == [32, 16, 8, 4]
+    assert all(torch.allclose(f.norm(dim=1), torch.ones(2, f.shape[-1], f.shape[-1]), atol=0.05) for f in fa)
+    assert torch.equal(gi.feature_distance(fa, fa), torch.zeros(2))
+    far = gi.feature_distance(fa, gi.discriminator_features(D, b))
+    near = gi.feature_distance(fa, gi.discriminator_features(D, a + 0.05 * b))
+    assert (far > near).all() and (near > 0).all()
+
+
 def test_projection_lr_schedule():
     assert gi.projection_lr(0.0, 0.1) == 0
     assert gi.projection_lr(0.5, 0.1) == pytest.approx(0.1)
@@ -164,6 +178,12 @@ def test_interpolation_between_classes_at_fixed_z(cond_run, tmp_path, space):
             assert np.abs(tile(strip, row, col) - read(tmp_path / label / f"seed{seed:04d}_{label}.png")).max() <= 1
     with Image.open(out / "interpolation.gif") as gif:
         assert gif.n_frames == 2 * 4 - 2 and gif.size == (PAD + 2 * (R + PAD), PAD + R + PAD)
+    table = read(out / "class_difference.png")  # per seed: AD, NC, NC - AD around mid-grey
+    for row in (0, 1):
+        ad, nc = tile(strip, row, 0), tile(strip, row, 3)
+        assert np.array_equal(tile(table, row, 0), ad) and np.array_equal(tile(table, row, 1), nc)
+        expected = np.clip(nc - ad, -127.5, 127.5) + 127.5
+        assert np.abs(tile(table, row, 2) - expected).max() <= 1.5
 
 
 def test_class_options_on_an_unconditional_checkpoint(uncond_run, tmp_path, capsys):
