@@ -56,27 +56,21 @@ CLASS_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")
 # ---------------------------------------------------------------------------------------
 # Checkpoint, seeds, labels, latents
 # ---------------------------------------------------------------------------------------
-def parse_seeds(text, default=(), flag="--seeds"):
-    """Comma-separated non-negative integers; `default` when empty."""
-    if not text:
-        return list(default)
+def parse_numbers(text, kind, flag):
+    """Comma-separated non-negative numbers of type `kind` (int or float)."""
+    noun = "integers" if kind is int else "numbers"
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
+        values = [kind(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if not seeds or min(seeds) < 0:
-        raise UserError(f"{flag} takes non-negative integers, got {text!r}")
-    return seeds
-
-
-def parse_floats(text, flag):
-    try:
-        values = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+        raise UserError(f"{flag} takes comma-separated {noun}, got {text!r}") from None
     if not values or min(values) < 0:
-        raise UserError(f"{flag} takes non-negative numbers, got {text!r}")
+        raise UserError(f"{flag} takes non-negative {noun}, got {text!r}")
     return values
+
+
+def parse_seeds(text, default=(), flag="--seeds"):
+    """Seeds from a comma list; `default` when empty."""
+    return parse_numbers(text, int, flag) if text else list(default)
 
 
 def load_generator(state, device):
@@ -165,7 +159,7 @@ def run_samples(cfg, state, G, device, out):
 def truncation_grid(cfg, state, G, device):
     """Images (rows, seeds, C, R, R) for each class (or --label) at each psi, and the row labels."""
     seeds = parse_seeds(cfg.seeds, range(8))
-    psis = parse_floats(cfg.psis, "--psis")
+    psis = parse_numbers(cfg.psis, float, "--psis")
     classes = [cfg.label] if cfg.label else (state["class_names"] if G.num_classes else [""])
     z = seed_latents(seeds, G.z_dim)
     images, rows = [], []

@@ -287,3 +287,12 @@ def test_tsne_data_root_classes_must_match(cond_run, tmp_path, capsys):
         Image.fromarray(np.zeros((32, 32), np.uint8)).save(other / "train" / name / "a.png")
     assert_user_error(capsys, run(cond_run, tmp_path / "o", "--mode", "tsne", "--data-root", str(other),
                                   "--tsne-n", "10", "--tsne-real", "2"), "--data-root")
+
+
+@pytest.mark.parametrize("flags,needle", [(["--mode", "truncation", "--psis", "1,x"], "--psis"),
+                                          (["--mode", "truncation", "--psis", "-0.5"], "--psis"),
+                                          (["--mode", "mixing", "--mix-seeds", ""], "--mix-seeds"),
+                                          (["--mode", "mixing", "--mix-seeds", "1,a"], "--mix-seeds"),
+                                          (["--mode", "tsne", "--label", "AD"], "--label")])
+def test_bad_mode_settings_name_the_flag(cond_run, tmp_path, capsys, flags, needle):
+    assert_user_error(capsys, run(cond_run, tmp_path, *flags), needle)
