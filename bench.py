@@ -1,0 +1,188 @@
+"""Measure the speed of training and generation on this machine, on synthetic data.
+
+    python bench.py --preset demo                         # the demo model
+    python bench.py --resolution 64 --channel-base 16384 --channel-max 256 --batch-size 16 --mapping-layers 8
+    python bench.py --preset adni256 --batch-size 32 --json
+
+Times full training iterations (D step, G step, lazy regularisation at its interval, EMA) after a
+warm-up, exactly as train.py runs them, and generation with the EMA generator at batch 64. It
+also times one large 3x3 convolution, the machine's practical compute peak, and reports the
+training step's FLOP/s (counted with torch.utils.flop_counter) as a fraction of it. Takes the
+same preset and setting flags as train.py, plus --iters, --warmup and --json."""
+import json
+import math
+import resource
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+import constants
+from train import build_run, reg_intervals, train_step
+from utils import UserError, describe_device, parse_settings, resolve_device, resolve_settings, seed_everything
+
+ITERS, WARMUP = 16, 4
+EXTRA_FLAGS = [
+    (("--preset",), dict(choices=sorted(constants.PRESETS), help="named set of settings from constants.PRESETS")),
+    (("--iters",), dict(type=int, metavar="N", help=f"timed training iterations (default: {ITERS})")),
+    (("--warmup",), dict(type=int, metavar="N", help=f"untimed iterations first (default: {WARMUP})")),
+    (("--json",), dict(action="store_true", help="print the results as one JSON object on stdout")),
+]
+GENERATION_BATCH = 64
+PEAK_CONV = dict(batch=16, channels=256, size=64)  # the reference 3x3 convolution (CPU; x4 batch on CUDA)
+
+
+def synthetic_data(cfg, n):
+    """Random uint8 slices shaped like the real data (1 channel, or 3 with IMAGE_MODE RGB), two classes."""
+    channels = 3 if cfg.image_mode == "RGB" else 1
+    g = torch.Generator().manual_seed(cfg.seed)
+    images = torch.randint(0, 256, (n, channels, cfg.resolution, cfg.resolution), dtype=torch.uint8, generator=g)
+    return SimpleNamespace(images=images, labels=torch.arange(n) % 2, class_names=["AD", "NC"], channels=channels)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device):
+    """CUDA: the most memory tensors took; CPU: the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def timed(fn, device, repeats, best=False):
+    """Seconds per call of fn() after one warm-up call: the mean over `repeats` calls, or with `best`
+    the fastest call (for a peak that other work on the machine only ever lowers)."""
+    fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats if best else 1):
+        start = time.perf_counter()
+        for _ in range(1 if best else repeats):
+            fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times) if best else times[0] / repeats
+
+
+def conv_peak_gflops(device):
+    """FLOP/s of one large 3x3 convolution (forward, float32), the fastest of several: the practical peak."""
+    p = PEAK_CONV
+    batch = p["batch"] * (4 if device.type == "cuda" else 1)
+    x = torch.randn(batch, p["channels"], p["size"], p["size"], device=device)
+    w = torch.randn(p["channels"], p["channels"], 3, 3, device=device)
+    flops = 2 * batch * p["channels"] ** 2 * 9 * p["size"] ** 2
+    return flops / timed(lambda: F.conv2d(x, w, padding=1), device, 5 if device.type == "cpu" else 50, best=True) / 1e9
+
+
+class FlopCount(TorchDispatchMode):
+    """Counts the FLOPs of matrix products and convolutions (forward and backward) with the formulas of
+    torch.utils.flop_counter; without its per-module tracking, which fails inside torch.no_grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def iterations(run, cfg, data, count):
+    """Run `count` training iterations on seeded random batches."""
+    for _ in range(count):
+        idx = torch.randint(0, len(data.images), (cfg.batch_size,))
+        train_step(run, cfg, data, idx)
+        run.step, run.nimg = run.step + 1, run.nimg + cfg.batch_size
+
+
+def cycle_length(cfg):
+    """Iterations after which every lazy penalty has run equally often: their least common multiple."""
+    return math.lcm(*[r for r in reg_intervals(cfg).values() if r] or [1])
+
+
+def training_flops(run, cfg, data):
+    """Model FLOPs per image of a training iteration, with the penalties amortised over their cycle."""
+    cycle = cycle_length(cfg)
+    with FlopCount() as counter:
+        iterations(run, cfg, data, cycle)
+    return counter.total / (cycle * cfg.batch_size)
+
+
+def generation_speed(G, cfg, device):
+    """Images per second of the EMA generator at batch 64 (no gradients, constant noise)."""
+    z = torch.randn(GENERATION_BATCH, cfg.z_dim, device=device)
+    labels = torch.arange(GENERATION_BATCH, device=device) % 2 if cfg.conditional else None
+
+    @torch.no_grad()
+    def generate():
+        G(z, labels, noise_mode="const")
+
+    return GENERATION_BATCH / timed(generate, device, 2 if device.type == "cpu" else 20)
+
+
+def bench(cfg, iters, warmup):
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    peak = conv_peak_gflops(device)
+    data = synthetic_data(cfg, max(4 * cfg.batch_size, 64))
+    run = build_run(cfg, data, device)
+    cycle = cycle_length(cfg)
+    iters = max(cycle, iters // cycle * cycle)  # whole cycles, so the penalties are amortised exactly
+    iterations(run, cfg, data, warmup)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    start = time.perf_counter()
+    iterations(run, cfg, data, iters)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    memory = peak_memory_mb(device)
+    img_per_s = iters * cfg.batch_size / seconds
+    flops = training_flops(run, cfg, data)
+    achieved = img_per_s * flops / 1e9
+    return dict(device=describe_device(device), resolution=cfg.resolution, batch_size=cfg.batch_size,
+                channel_base=cfg.channel_base, channel_max=cfg.channel_max, mapping_layers=cfg.mapping_layers,
+                threads=torch.get_num_threads(), iters=iters,
+                img_per_s=img_per_s, sec_per_kimg=1000 / img_per_s, peak_mem_mb=memory, gflop_per_img=flops / 1e9,
+                achieved_gflops=achieved, peak_conv_gflops=peak, fraction_of_peak=achieved / peak,
+                gen_img_per_s=generation_speed(run.G_ema, cfg, device))
+
+
+def report(r):
+    return (f"{r['device']}, {r['resolution']}x{r['resolution']}, batch {r['batch_size']}, channels "
+            f"{r['channel_base']}/{r['channel_max']}, {r['mapping_layers']} mapping layers, {r['iters']} iterations:\n"
+            f"  training    {r['img_per_s']:.3f} img/s ({r['sec_per_kimg']:.1f} s/kimg), "
+            f"peak memory {r['peak_mem_mb']:.0f} MB\n"
+            f"  compute     {r['gflop_per_img']:.1f} GFLOP/img -> {r['achieved_gflops']:.1f} GFLOP/s = "
+            f"{100 * r['fraction_of_peak']:.0f}% of one 3x3 conv's {r['peak_conv_gflops']:.1f} GFLOP/s\n"
+            f"  generation  {r['gen_img_per_s']:.1f} img/s at batch {GENERATION_BATCH}")
+
+
+def main(argv=None):
+    try:
+        given, opts = parse_settings(argv, "", __doc__, EXTRA_FLAGS)
+        iters, warmup = getattr(opts, "iters", ITERS), getattr(opts, "warmup", WARMUP)
+        if iters < 1 or warmup < 0:
+            raise UserError(f"--iters must be >= 1 and --warmup >= 0, got {iters} and {warmup}")
+        cfg = resolve_settings(given, "", getattr(opts, "preset", None))
+        results = bench(cfg, iters, warmup)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(results) if getattr(opts, "json", False) else report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

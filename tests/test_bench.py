@@ -1,0 +1,50 @@
+"""bench.py: the FLOP counter, the penalty cycle, and the JSON report on a tiny model."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_user_error
+
+import bench
+
+
+def test_flop_count_of_a_convolution_forward_and_backward():
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w = torch.randn(5, 3, 3, 3, requires_grad=True)
+    forward = 2 * 2 * 5 * 3 * 9 * 8 * 8
+    with bench.FlopCount() as counter:
+        F.conv2d(x, w, padding=1)
+    assert counter.total == forward
+    with bench.FlopCount() as counter:
+        F.conv2d(x, w, padding=1).sum().backward()
+    assert counter.total == 3 * forward  # forward, input gradient, weight gradient
+    with bench.FlopCount() as counter, torch.no_grad():
+        F.conv2d(x, w, padding=1)
+    assert counter.total == forward
+
+
+@pytest.mark.parametrize("loss,pl_weight,expected", [("wgan-gp", 2.0, 8), ("logistic", 0.0, 4), ("logistic", 2.0, 8)])
+def test_cycle_length_is_the_lcm_of_the_penalty_intervals(loss, pl_weight, expected):
+    cfg = SimpleNamespace(loss=loss, gp_lambda=10.0, r1_gamma=1.0, d_reg_interval=4, pl_weight=pl_weight,
+                          pl_interval=8)
+    assert bench.cycle_length(cfg) == expected
+
+
+def test_bench_json_report(capsys):
+    assert bench.main(["--preset", "smoke", "--batch-size", "8", "--iters", "4", "--warmup", "1", "--json",
+                       "--device", "cpu"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    for key in ("img_per_s", "sec_per_kimg", "peak_mem_mb", "gflop_per_img", "peak_conv_gflops",
+                "fraction_of_peak", "gen_img_per_s"):
+        assert r[key] > 0, key
+    assert r["sec_per_kimg"] == pytest.approx(1000 / r["img_per_s"])
+    assert r["fraction_of_peak"] == pytest.approx(r["img_per_s"] * r["gflop_per_img"] / r["peak_conv_gflops"])
+    assert r["iters"] == 4 and r["batch_size"] == 8 and r["resolution"] == 32
+    # the smoke model's forward passes alone: G and D convolutions at 32x32 with at most 32 channels
+    assert 0.05 < r["gflop_per_img"] < 1.0
+
+
+def test_bench_bad_iters(capsys):
+    assert_user_error(capsys, bench.main(["--preset", "smoke", "--iters", "0"]), "--iters")
