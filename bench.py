@@ -56,13 +56,12 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def timed(fn, device, repeats, best=False):
-    """Seconds per call of fn() after one warm-up call: the mean over `repeats` calls, or with `best`
-    the fastest call (for a peak that other work on the machine only ever lowers)."""
-    fn()
-    synchronize(device)
+def timed(fn, device, repeats=1, best=False):
+    """Seconds per call of fn(): the mean over `repeats` calls, or with `best` the fastest call (for a
+    peak that other work on the machine only ever lowers). Callers warm up first."""
     times = []
     for _ in range(repeats if best else 1):
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(1 if best else repeats):
             fn()
@@ -78,7 +77,9 @@ def conv_peak_gflops(device):
     x = torch.randn(batch, p["channels"], p["size"], p["size"], device=device)
     w = torch.randn(p["channels"], p["channels"], 3, 3, device=device)
     flops = 2 * batch * p["channels"] ** 2 * 9 * p["size"] ** 2
-    return flops / timed(lambda: F.conv2d(x, w, padding=1), device, 5 if device.type == "cpu" else 50, best=True) / 1e9
+    conv = lambda: F.conv2d(x, w, padding=1)  # noqa: E731
+    conv()  # warm-up
+    return flops / timed(conv, device, 5 if device.type == "cpu" else 50, best=True) / 1e9
 
 
 class FlopCount(TorchDispatchMode):
@@ -128,6 +129,7 @@ def generation_speed(G, cfg, device):
     def generate():
         G(z, labels, noise_mode="const")
 
+    generate()  # warm-up
     return GENERATION_BATCH / timed(generate, device, 2 if device.type == "cpu" else 20)
 
 
@@ -142,11 +144,7 @@ def bench(cfg, iters, warmup):
     iterations(run, cfg, data, warmup)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    synchronize(device)
-    start = time.perf_counter()
-    iterations(run, cfg, data, iters)
-    synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = timed(lambda: iterations(run, cfg, data, iters), device)
     memory = peak_memory_mb(device)
     img_per_s = iters * cfg.batch_size / seconds
     flops = training_flops(run, cfg, data)

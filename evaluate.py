@@ -29,6 +29,7 @@ from dataset import load_slices, to_model_range
 from generate_images import generate, load_generator
 from utils import (
     UserError,
+    checkpoint_settings,
     load_checkpoint,
     parse_settings,
     quantize_uint8,
@@ -568,11 +569,6 @@ def markdown_table(results):
 # ---------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------
-def run_config(state, cfg):
-    """The checkpoint's training settings, with --data-root when given."""
-    return resolve_settings({"DATA_ROOT": cfg.data_root} if cfg.data_root else {}, "", base=state["config"])
-
-
 def cas_data(cfg, run, G, train, device):
     """(train, test, generated) image/label pairs for the classification accuracy score."""
     if not G.num_classes:
@@ -592,7 +588,7 @@ def evaluate(cfg):
     """Every figure for one checkpoint, as a flat dict (the JSON written by main)."""
     device = resolve_device(cfg.device)
     state, path = load_checkpoint(cfg.checkpoint)
-    run = run_config(state, cfg)
+    run = checkpoint_settings(state, cfg.data_root)
     G = load_generator(state, device)
     data = load_slices(run)
     cas = cas_data(cfg, run, G, data, device) if cfg.cas else None

@@ -34,6 +34,7 @@ from dataset import load_image, load_slices, to_model_range
 from modules import Discriminator, Generator, NoiseInjection
 from utils import (
     UserError,
+    checkpoint_settings,
     load_checkpoint,
     parse_settings,
     plot_losses,
@@ -152,13 +153,12 @@ def run_samples(cfg, state, G, device, out):
         suffix = f"_{names[labels[i]]}" if labels is not None else ""
         save_image(image, out / f"seed{seed:04d}{suffix}.png")
     save_grid(images, out / "grid.png", ncol=8)
-    plot_losses({k: v.tolist() for k, v in state["history"].items()}, out / "losses.png")
+    plot_losses(state["history"], out / "losses.png")
     return f"{len(seeds)} images (truncation {cfg.truncation})"
 
 
-def truncation_grid(cfg, state, G, device):
+def truncation_grid(cfg, state, G, device, seeds):
     """Images (rows, seeds, C, R, R) for each class (or --label) at each psi, and the row labels."""
-    seeds = parse_seeds(cfg.seeds, range(8))
     psis = parse_numbers(cfg.psis, float, "--psis")
     classes = [cfg.label] if cfg.label else (state["class_names"] if G.num_classes else [""])
     z = seed_latents(seeds, G.z_dim)
@@ -172,15 +172,15 @@ def truncation_grid(cfg, state, G, device):
 
 
 def run_truncation(cfg, state, G, device, out):
-    images, rows = truncation_grid(cfg, state, G, device)
     seeds = parse_seeds(cfg.seeds, range(8))
+    images, rows = truncation_grid(cfg, state, G, device, seeds)
     save_labelled_grid(images.flatten(0, 1), out / "truncation.png", len(seeds), rows, [str(s) for s in seeds],
                        title="truncation: w = w_avg + ψ (w - w_avg); columns are seeds")
     return f"truncation grid: {len(rows)} rows x {len(seeds)} seeds"
 
 
 def run_losses(cfg, state, G, device, out):
-    plot_losses({k: v.tolist() for k, v in state["history"].items()}, out / "losses.png")
+    plot_losses(state["history"], out / "losses.png")
     written = "losses.png"
     if state.get("metrics"):
         plot_metrics(state["metrics"], out / "metrics.png")
@@ -277,14 +277,13 @@ def class_path_ws(G, cfg, seeds, frames, device):
 
 
 def run_interpolate(cfg, state, G, device, out):
+    seeds = parse_seeds(cfg.seeds, range(2))
     if cfg.interp == "classes":
         require_classes(G, "--interp classes")
-        seeds = parse_seeds(cfg.seeds, range(2))
         ws = class_path_ws(G, cfg, seeds, cfg.frames, device)
         names = state["class_names"]
         what = f"{names[0]} -> {names[1]} at seeds {','.join(map(str, seeds))}"
     else:
-        seeds = parse_seeds(cfg.seeds, range(2))
         if len(seeds) < 2:
             raise UserError(f"--interp seeds needs at least two --seeds, got {cfg.seeds!r}")
         ws = seed_path_ws(G, state, cfg, seeds, cfg.frames, device)
@@ -353,12 +352,13 @@ def w_statistics(G, weights, device, generator):
     if weights is None:
         w = G.mapping(z)
         return w.mean(0, keepdim=True), float(w.var(0).sum().sqrt())
+    rows, index = weights.unique(dim=0, return_inverse=True)  # the distinct classes (or mixtures)
     means, spread = [], []
-    for row in weights.to(device):
+    for row in rows.to(device):
         w = G.mapping(z, row.expand(len(z), -1))
         means.append(w.mean(0))
         spread.append(float(w.var(0).sum().sqrt()))
-    return torch.stack(means), float(np.mean(spread))
+    return torch.stack(means)[index.to(device)], float(np.mean(spread))
 
 
 def project(G, D, targets, weights, cfg, device, snapshots=0):
@@ -384,9 +384,13 @@ def project(G, D, targets, weights, cfg, device, snapshots=0):
         target_features = discriminator_features(D, targets)
     optimizer = torch.optim.Adam([w_opt] + maps, betas=(0.9, 0.999), lr=cfg.project_lr)
     keep = set(np.linspace(0, cfg.project_steps - 1, snapshots).round().astype(int)) if snapshots else set()
-    with torch.no_grad():
-        start = (G.synthesis(w_opt.expand(-1, G.num_ws, -1), noise_mode="const") - targets).square().mean((1, 2, 3))
-    pictures = []
+
+    @torch.no_grad()
+    def render():  # the image of the current w (no w noise) and its pixel MSE
+        images = G.synthesis(w_opt.expand(-1, G.num_ws, -1), noise_mode="const")
+        return images, (images - targets).square().mean((1, 2, 3))
+
+    start, pictures = render()[1], []
     for step in range(cfg.project_steps):
         t = step / cfg.project_steps
         for group in optimizer.param_groups:
@@ -403,14 +407,11 @@ def project(G, D, targets, weights, cfg, device, snapshots=0):
         with torch.no_grad():
             for m in maps:  # keep each noise map zero-mean and unit-variance
                 m.sub_(m.mean((1, 2, 3), keepdim=True)).mul_(m.square().mean((1, 2, 3), keepdim=True).rsqrt())
-            if step in keep:
-                pictures.append(G.synthesis(w_opt.expand(-1, G.num_ws, -1), noise_mode="const").cpu())
-    with torch.no_grad():
-        ws = w_opt.detach().expand(-1, G.num_ws, -1)
-        images = G.synthesis(ws, noise_mode="const")
-        end = (images - targets).square().mean((1, 2, 3)).cpu()
-    return dict(ws=ws.cpu(), noise=[m.detach().cpu() for m in maps], images=images.cpu(), pixel_start=start.cpu(),
-                pixel_end=end, snapshots=pictures)
+        if step in keep:
+            pictures.append(render()[0].cpu())
+    images, end = render()
+    return dict(ws=w_opt.detach().expand(-1, G.num_ws, -1).cpu(), noise=[m.detach().cpu() for m in maps],
+                images=images.cpu(), pixel_start=start.cpu(), pixel_end=end.cpu(), snapshots=pictures)
 
 
 def reconstruction_scores(images, targets):
@@ -419,11 +420,6 @@ def reconstruction_scores(images, targets):
     a, b = quantize_uint8(images).float(), quantize_uint8(targets).float()
     mse = (a - b).square().mean((1, 2, 3)).clamp_min(1e-10)
     return 10 * torch.log10(255**2 / mse), ssim(a, b, data_range=255.0)
-
-
-def run_config(state, data_root=""):
-    """The checkpoint's training settings (resolution, image mode, ...), with `data_root` when given."""
-    return resolve_settings({"DATA_ROOT": data_root} if data_root else {}, "", base=state["config"])
 
 
 def load_target(path, run):
@@ -441,7 +437,7 @@ def load_target(path, run):
 def run_project(cfg, state, G, device, out):
     if not cfg.target:
         raise UserError("--mode project needs --target IMAGE (a real slice)")
-    target = load_target(cfg.target, run_config(state))
+    target = load_target(cfg.target, checkpoint_settings(state))
     weights = None
     if G.num_classes:
         weights = (F.one_hot(torch.tensor([class_index(state, cfg.label)]), G.num_classes).float() if cfg.label
@@ -483,7 +479,7 @@ def separability(w, classes, seed=0):
 
 def projected_reals(cfg, state, G, device):
     """w of --tsne-real real slices per class from --data-root, projected into W -> (w (M, w_dim), classes (M,))."""
-    data = load_slices(run_config(state, cfg.data_root))
+    data = load_slices(checkpoint_settings(state, cfg.data_root))
     names = data.class_names or [""]
     if G.num_classes and data.class_names != state["class_names"]:
         raise UserError(f"--data-root classes {data.class_names} differ from the model's {state['class_names']}")

@@ -144,6 +144,11 @@ def resolve_settings(given, prefix, preset=None, base=None):
     return SimpleNamespace(**{_strip_script_prefix(k).lower(): v for k, v in values.items()})
 
 
+def checkpoint_settings(state, data_root=""):
+    """A checkpoint's training settings (resolution, image mode, ...), with `data_root` when given."""
+    return resolve_settings({"DATA_ROOT": data_root} if data_root else {}, "", base=state["config"])
+
+
 def config_dict(cfg):
     """A plain dict of a config namespace (for checkpoints and JSON)."""
     return dict(vars(cfg))
@@ -324,13 +329,13 @@ def save_image(image, path):
     _pil(to_uint8(image[None])[0]).save(path)
 
 
-def grid_array(images, ncol=8, pad=2, fill=0):
+def grid_array(images, ncol=8, pad=2):
     """Tile (N, C, H, W) images in [-1, 1] into one (H', W', C) uint8 array with `ncol` columns."""
     arr = to_uint8(images)
     n, h, w, c = arr.shape
     ncol = min(ncol, n)
     nrow = math.ceil(n / ncol)
-    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), fill, np.uint8)
+    grid = np.zeros((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), np.uint8)
     for i in range(n):
         r, q = divmod(i, ncol)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = arr[i]
@@ -358,6 +363,7 @@ def save_gif(frames, path, ncol=8, duration_ms=120, bounce=True):
 
 
 def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

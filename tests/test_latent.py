@@ -200,8 +200,8 @@ def test_interpolation_needs_two_seeds(uncond_run, tmp_path, capsys):
 
 def test_truncation_rows_per_class_and_psi(cond_run, tmp_path):
     state, G = state_and_G(cond_run)
-    cfg = SimpleNamespace(seeds="1,2,3", psis="1,0.5,0", label="", noise_mode="const", batch=4)
-    images, rows = gi.truncation_grid(cfg, state, G, torch.device("cpu"))
+    cfg = SimpleNamespace(psis="1,0.5,0", label="", noise_mode="const", batch=4)
+    images, rows = gi.truncation_grid(cfg, state, G, torch.device("cpu"), [1, 2, 3])
     assert images.shape == (6, 3, 1, R, R)
     assert rows == ["AD ψ = 1", "AD ψ = 0.5", "AD ψ = 0", "NC ψ = 1", "NC ψ = 0.5", "NC ψ = 0"]
     assert torch.allclose(images[2], images[2, :1].expand(3, -1, -1, -1), atol=1e-5)  # psi 0: the class mean
