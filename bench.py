@@ -22,8 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import constants
-from train import build_run, reg_intervals, train_step
-from utils import UserError, describe_device, parse_settings, resolve_device, resolve_settings, seed_everything
+from train import autocast, build_run, cache_on_device, reg_intervals, setup_device, train_step
+from utils import UserError, describe_device, parse_settings, resolve_settings, seed_everything
 
 ITERS, WARMUP = 16, 4
 EXTRA_FLAGS = [
@@ -120,25 +120,27 @@ def training_flops(run, cfg, data):
     return counter.total / (cycle * cfg.batch_size)
 
 
-def generation_speed(G, cfg, device):
-    """Images per second of the EMA generator at batch 64 (no gradients, constant noise)."""
+def generation_speed(run, cfg, device):
+    """Images per second of the EMA generator at batch 64 (no gradients, constant noise; bf16 with --amp)."""
     z = torch.randn(GENERATION_BATCH, cfg.z_dim, device=device)
     labels = torch.arange(GENERATION_BATCH, device=device) % 2 if cfg.conditional else None
 
     @torch.no_grad()
     def generate():
-        G(z, labels, noise_mode="const")
+        with autocast(run):
+            run.G_ema(z, labels, noise_mode="const")
 
     generate()  # warm-up
     return GENERATION_BATCH / timed(generate, device, 2 if device.type == "cpu" else 20)
 
 
 def bench(cfg, iters, warmup):
-    device = resolve_device(cfg.device)
+    _, _, device = setup_device(cfg)
     seed_everything(cfg.seed)
     peak = conv_peak_gflops(device)
     data = synthetic_data(cfg, max(4 * cfg.batch_size, 64))
     run = build_run(cfg, data, device)
+    cache_on_device(data, cfg, device)
     cycle = cycle_length(cfg)
     iters = max(cycle, iters // cycle * cycle)  # whole cycles, so the penalties are amortised exactly
     iterations(run, cfg, data, warmup)
@@ -151,15 +153,16 @@ def bench(cfg, iters, warmup):
     achieved = img_per_s * flops / 1e9
     return dict(device=describe_device(device), resolution=cfg.resolution, batch_size=cfg.batch_size,
                 channel_base=cfg.channel_base, channel_max=cfg.channel_max, mapping_layers=cfg.mapping_layers,
-                threads=torch.get_num_threads(), iters=iters,
+                threads=torch.get_num_threads(), iters=iters, amp=run.amp, compile=cfg.compile,
                 img_per_s=img_per_s, sec_per_kimg=1000 / img_per_s, peak_mem_mb=memory, gflop_per_img=flops / 1e9,
                 achieved_gflops=achieved, peak_conv_gflops=peak, fraction_of_peak=achieved / peak,
-                gen_img_per_s=generation_speed(run.G_ema, cfg, device))
+                gen_img_per_s=generation_speed(run, cfg, device))
 
 
 def report(r):
     return (f"{r['device']}, {r['resolution']}x{r['resolution']}, batch {r['batch_size']}, channels "
-            f"{r['channel_base']}/{r['channel_max']}, {r['mapping_layers']} mapping layers, {r['iters']} iterations:\n"
+            f"{r['channel_base']}/{r['channel_max']}, {r['mapping_layers']} mapping layers, {r['iters']} iterations"
+            f"{', bf16' if r['amp'] else ''}{', compiled' if r['compile'] else ''}:\n"
             f"  training    {r['img_per_s']:.3f} img/s ({r['sec_per_kimg']:.1f} s/kimg), "
             f"peak memory {r['peak_mem_mb']:.0f} MB\n"
             f"  compute     {r['gflop_per_img']:.1f} GFLOP/img -> {r['achieved_gflops']:.1f} GFLOP/s = "

@@ -65,6 +65,11 @@ EVAL_METRIC = "auto"  # metric that picks Models/best.pt: auto (fid with Incepti
 INCEPTION_WEIGHTS = ""  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth for FID/KID (empty: skipped)
 TENSORBOARD = False  # also log losses, metrics and sample grids to OUT_DIR/runs (needs: pip install tensorboard)
 
+# --- speed and several processes (torchrun --nproc_per_node=N train.py ...) ------------
+AMP = True  # CUDA: bf16 autocast of the G and D forward passes (penalties stay float32); no effect on CPU
+COMPILE = False  # torch.compile the synthesis network and D (falls back to eager, with a warning, where it cannot)
+CACHE_ON_DEVICE = True  # CUDA: keep the uint8 image cache in GPU memory if under a quarter of it (else pinned memory)
+
 # --- generation (flags of generate_images.py, without the GEN_ prefix) ----------------
 GEN_MODE = "samples"  # samples | mixing | interpolate | tsne | truncation | project | losses
 GEN_CHECKPOINT = "Models"  # checkpoint file, or a folder whose newest checkpoint is used
@@ -157,6 +162,11 @@ PRESETS = {
     # Seed 002's cheap setup: 64x64, z = w = 512, batch 64, phased learning rate 1e-4 -> 1e-5.
     "adni64": dict(RESOLUTION=64, Z_DIM=512, W_DIM=512, BATCH_SIZE=64, G_LR=1e-4, D_LR=1e-4,
                    LR_SCHEDULE="step", LR_STEP_EPOCHS=100, LR_STEP_FACTOR=0.1, EPOCHS=150),
+    # StyleGAN2-ADA's 'auto' configuration at 256x256, whose published speed is the GPU reference:
+    # channels 16384/512, 2 mapping layers, batch 32, logistic loss with R1 every 16 iterations (gamma
+    # 0.0002 * 256^2 / 32), path length every 4.
+    "auto256": dict(RESOLUTION=256, CHANNEL_BASE=16384, CHANNEL_MAX=512, MAPPING_LAYERS=2, BATCH_SIZE=32,
+                    LOSS="logistic", R1_GAMMA=0.4, D_REG_INTERVAL=16, PL_INTERVAL=4),
     # A tiny model for tests and CPU checks: 32x32, several iterations per second on 2 cores.
     "smoke": dict(RESOLUTION=32, Z_DIM=32, W_DIM=32, MAPPING_LAYERS=2, CHANNEL_BASE=512,
                   CHANNEL_MAX=32, BATCH_SIZE=16, EPOCHS=2, SAMPLE_EVERY=1, CHECKPOINT_EVERY=1,

@@ -6,8 +6,10 @@
 
 Every setting in constants.py is a flag (--help lists them). Ctrl-C or SIGTERM saves a checkpoint
 and exits; --resume continues exactly where it stopped."""
+import contextlib
 import copy
 import math
+import os
 import signal
 import sys
 import threading
@@ -23,7 +25,10 @@ from evaluate import Evaluator, best_metric, load_inception
 from modules import Discriminator, Generator
 from utils import (
     UserError,
+    all_reduce_mean,
+    any_process,
     checkpoint_path,
+    close_distributed,
     config_dict,
     d_logistic_loss,
     d_wgan_loss,
@@ -34,6 +39,7 @@ from utils import (
     g_nonsaturating_loss,
     g_wgan_loss,
     gradient_penalty,
+    init_distributed,
     list_checkpoints,
     load_checkpoint,
     lr_factor,
@@ -44,6 +50,7 @@ from utils import (
     r1_penalty,
     resolve_device,
     resolve_settings,
+    same_on_every_process,
     save_checkpoint,
     save_grid,
     save_json,
@@ -120,10 +127,26 @@ def build_run(cfg, data, device):
     betas = {net: tuple(b ** lazy_ratio(intervals[net]) for b in cfg.adam_betas) for net in "GD"}
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.g_lr, betas=betas["G"])
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.d_lr, betas=betas["D"])
+    synthesis, D_main = compiled([G.synthesis, D], device) if cfg.compile else (G.synthesis, D)
     return SimpleNamespace(G=G, D=D, G_ema=G_ema, opt_G=opt_G, opt_D=opt_D, model_args=model_args,
+                           synthesis=synthesis, D_main=D_main, amp=cfg.amp and device.type == "cuda",
                            intervals=intervals, class_names=data.class_names, device=device,
                            pl_mean=torch.zeros([], device=device), step=0, epoch=0, epoch_step=0, nimg=0,
                            history={k: [] for k in HISTORY_KEYS}, metrics=[], last={}, board=None)
+
+
+def compiled(modules, device):
+    """torch.compile each module (sharing its parameters), or return them as they are, with a warning,
+    where torch.compile does not work. The double-backward penalties always run the eager modules."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
+    except Exception as e:  # no C compiler, no Triton, an unsupported platform, ...
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        print(f"warning: --compile: torch.compile does not work here ({type(e).__name__}: {reason}); "
+              "training runs eagerly", file=sys.stderr)
+        return modules
+    torch._dynamo.config.suppress_errors = True  # a graph that fails to compile later runs eagerly
+    return [torch.compile(m) for m in modules]
 
 
 def set_learning_rates(run, cfg):
@@ -140,18 +163,36 @@ def optimizer_step(opt, loss):
     """Backward and step; returns the gradient norm (checked for NaN/inf with the losses)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    grads = all_reduce_mean([p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None])
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     opt.step()
     return norm.detach()
 
 
+def autocast(run):
+    """bf16 autocast on CUDA with --amp; nothing otherwise."""
+    return torch.autocast("cuda", torch.bfloat16) if run.amp else contextlib.nullcontext()
+
+
+def generate(run, cfg, z, labels, update_w_avg=False):
+    """G's training forward: mapping with style mixing, then the (compiled, autocast) synthesis."""
+    ws = run.G.make_ws(z, labels, mixing_prob=cfg.style_mixing_prob, update_w_avg=update_w_avg)
+    with autocast(run):
+        return run.synthesis(ws)
+
+
+def discriminate(run, images, labels):
+    """D's main forward (compiled, autocast), scores in float32."""
+    with autocast(run):
+        return run.D_main(images, labels).float()
+
+
 def d_step(run, cfg, real, labels, regularize):
-    G, D = run.G, run.D
+    D = run.D
     z = torch.randn(len(real), cfg.z_dim, device=real.device)
     with torch.no_grad():
-        fake = G(z, labels, mixing_prob=cfg.style_mixing_prob)
-    real_pred, fake_pred = D(real, labels), D(fake, labels)
+        fake = generate(run, cfg, z, labels).float()
+    real_pred, fake_pred = discriminate(run, real, labels), discriminate(run, fake, labels)
     if cfg.loss == "wgan-gp":
         loss = d_wgan_loss(real_pred, fake_pred, cfg.drift)
     else:
@@ -173,7 +214,7 @@ def g_step(run, cfg, labels, batch_size, regularize):
     G, D = run.G, run.D
     D.requires_grad_(False)
     z = torch.randn(batch_size, cfg.z_dim, device=run.device)
-    fake_pred = D(G(z, labels, mixing_prob=cfg.style_mixing_prob, update_w_avg=True), labels)
+    fake_pred = discriminate(run, generate(run, cfg, z, labels, update_w_avg=True), labels)
     loss = g_wgan_loss(fake_pred) if cfg.loss == "wgan-gp" else g_nonsaturating_loss(fake_pred)
     stats = dict(loss_gen=loss.detach(), grad_g=optimizer_step(run.opt_G, loss))
     if regularize:
@@ -195,8 +236,10 @@ def train_step(run, cfg, data, idx):
     due = {net: bool(r) and run.step % r == 0 for net, r in run.intervals.items()}
     stats = d_step(run, cfg, real, labels, due["D"])
     stats.update(g_step(run, cfg, labels, len(real), due["G"]))
-    ema_update(run.G_ema, run.G, ema_beta(len(real), cfg.ema_kimg, cfg.ema_rampup, run.nimg))
-    values = dict(zip(stats, torch.stack([v.float() for v in stats.values()]).tolist()))  # one sync
+    values = torch.stack([v.float() for v in stats.values()])
+    all_reduce_mean([values, run.G.mapping.w_avg, run.pl_mean])  # several processes: their mean
+    ema_update(run.G_ema, run.G, ema_beta(cfg.batch_size, cfg.ema_kimg, cfg.ema_rampup, run.nimg))
+    values = dict(zip(stats, values.tolist()))  # one sync
     for name, value in values.items():
         if not math.isfinite(value):
             raise Diverged(f"non-finite {name} ({value}) at step {run.step}")
@@ -300,15 +343,21 @@ def open_tensorboard(cfg):
 
 
 class StopSignal:
-    """Turns SIGINT/SIGTERM into a flag checked after each iteration; a second signal stops at once."""
+    """Turns SIGINT/SIGTERM into a flag checked after each iteration (by every process at the same
+    iteration: `signum` is set once any process has seen one); a second signal stops at once."""
 
     def __init__(self):
-        self.signum, self.previous = None, {}
+        self.signum, self.received, self.previous = None, None, {}
+
+    def seen(self, device):
+        if any_process(self.received is not None, device):
+            self.signum = self.received or signal.SIGTERM
+        return self.signum is not None
 
     def _handle(self, signum, frame):
-        if self.signum is not None:
+        if self.received is not None:
             raise KeyboardInterrupt
-        self.signum = signum
+        self.received = signum
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this iteration", file=sys.stderr)
 
     def __enter__(self):
@@ -325,60 +374,102 @@ class StopSignal:
 # ---------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------
+def setup_device(cfg):
+    """-> (rank, world_size, device): the device, the torchrun process group when there is one, and
+    the fast CUDA settings (TF32 matrix products and convolutions, cuDNN's autotuner)."""
+    rank, world_size, device = init_distributed(resolve_device(cfg.device))
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")  # one process speaks: rank 0
+    if cfg.batch_size % world_size:
+        raise UserError(f"--batch-size {cfg.batch_size} does not split evenly across {world_size} processes")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return rank, world_size, device
+
+
+def cache_on_device(data, cfg, device):
+    """CUDA: move the uint8 image cache into GPU memory (CACHE_ON_DEVICE, if under a quarter of it),
+    else pin it, so batches never wait for the host."""
+    if device.type != "cuda":
+        return
+    size = data.images.numel() * data.images.element_size()
+    if cfg.cache_on_device and size < torch.cuda.get_device_properties(device).total_memory / 4:
+        data.images, data.labels = data.images.to(device), data.labels.to(device)
+        print(f"image cache: {size / 2**20:.0f} MB in GPU memory")
+    else:
+        data.images = data.images.pin_memory()
+
+
 def train(cfg, state=None):
     """Train until EPOCHS (or MAX_STEPS) or a stop signal. Returns the exit status."""
-    device = resolve_device(cfg.device)
-    print(f"device: {describe_device(device)}")
+    try:
+        rank, world_size, device = setup_device(cfg)
+        return train_on(cfg, state, rank, world_size, device)
+    finally:
+        close_distributed()
+
+
+def train_on(cfg, state, rank, world_size, device):
+    print(f"device: {describe_device(device)}" + (f" x {world_size} processes" if world_size > 1 else ""))
     data = load_slices(cfg)
     print(f"data: {cfg.data_root}: {data.summary()}")
     if cfg.conditional and len(data.class_names) < 2:
         raise UserError(f"--conditional needs at least two class sub-folders in {cfg.data_root}")
-    sampler = EpochSampler(len(data), cfg.batch_size, cfg.seed)
+    sampler = EpochSampler(len(data), cfg.batch_size, cfg.seed, rank, world_size)
     if sampler.steps_per_epoch == 0:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the data set ({len(data)} images)")
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the same initial networks in every process
     run = build_run(cfg, data, device)
     if state is not None:
         restore(run, state, cfg, data)
-    evaluator, metric = make_evaluator(cfg, data, device)
-    run.board = open_tensorboard(cfg)
+    if world_size > 1:  # each process draws its own latents and flips from here on
+        seed_everything(cfg.seed + 1_000_003 * rank + run.step)
+    main_process = rank == 0
+    evaluator, metric = make_evaluator(cfg, data, device) if main_process else (None, None)
+    run.board = open_tensorboard(cfg) if main_process else None
     if run.epoch_step >= sampler.steps_per_epoch:
         run.epoch, run.epoch_step = run.epoch + 1, 0
     out = Path(cfg.out_dir)
     models, samples = out / "Models", out / "saved_examples" / f"{cfg.resolution}x{cfg.resolution}"
-    save_json(config_dict(cfg), samples / "config.json")
-    save_reals(data, cfg, samples / "reals.png")
+    if main_process:
+        save_json(config_dict(cfg), samples / "config.json")
+        save_reals(data, cfg, samples / "reals.png")
+    cache_on_device(data, cfg, device)
     latents = fixed_latents(cfg, run.model_args["G"]["num_classes"], device)
     print(f"G {sum(p.numel() for p in run.G.parameters()) / 1e6:.2f}M params, "
           f"D {sum(p.numel() for p in run.D.parameters()) / 1e6:.2f}M params; "
           f"{sampler.steps_per_epoch} iterations per epoch; outputs in {models} and {samples}")
 
     def save():
+        assert same_on_every_process([*run.G.parameters(), *run.D.parameters()]), "replicas diverged"
         path = checkpoint_path(models, run.step)
-        if not path.exists():
+        if main_process and not path.exists():
             save_checkpoint(checkpoint_state(run, cfg), path, cfg.keep_checkpoints)
-        plot_losses(run.history, samples / "losses.png")
+            plot_losses(run.history, samples / "losses.png")
         return path
 
     def save_best():
         save_checkpoint(checkpoint_state(run, cfg), models / "best.pt")
 
     try:
-        return train_loop(run, cfg, data, sampler, latents, evaluator, metric, save, save_best, samples)
+        return train_loop(run, cfg, data, sampler, latents, evaluator, metric, save, save_best, samples,
+                          main_process)
     finally:
         if run.board is not None:
             run.board.close()
 
 
-def train_loop(run, cfg, data, sampler, latents, evaluator, metric, save, save_best, samples):
-    """Epochs until EPOCHS, MAX_STEPS or a stop signal, with samples, evaluations and checkpoints."""
+def train_loop(run, cfg, data, sampler, latents, evaluator, metric, save, save_best, samples, main_process=True):
+    """Epochs until EPOCHS, MAX_STEPS or a stop signal, with samples, evaluations and checkpoints
+    (written by the main process)."""
     with StopSignal() as stop:
         finished = False
         while run.epoch < cfg.epochs and not finished and stop.signum is None:
             finished = run_epoch(run, cfg, data, sampler, stop)
             if run.epoch_step == sampler.steps_per_epoch:
                 run.epoch, run.epoch_step = run.epoch + 1, 0
-                if run.epoch % cfg.sample_every == 0:
+                if main_process and run.epoch % cfg.sample_every == 0:
                     save_samples(run, latents, samples / f"epoch_{run.epoch:04d}.png")
                 if evaluator is not None and run.epoch % cfg.eval_every == 0:
                     evaluate_now(run, cfg, evaluator, metric, save_best, samples)
@@ -386,9 +477,11 @@ def train_loop(run, cfg, data, sampler, latents, evaluator, metric, save, save_b
                     save()
         if stop.signum is not None:
             path = save()
-            print(f"stopped at step {run.step}; checkpoint {path}; continue with --resume", file=sys.stderr)
+            if main_process:
+                print(f"stopped at step {run.step}; checkpoint {path}; continue with --resume", file=sys.stderr)
             return 128 + stop.signum
-    save_samples(run, latents, samples / f"step_{run.step:08d}.png")
+    if main_process:
+        save_samples(run, latents, samples / f"step_{run.step:08d}.png")
     path = save()
     print(f"done: {run.step} iterations, {run.nimg} images; checkpoint {path}; samples and losses.png in {samples}")
     return 0
@@ -411,8 +504,8 @@ def run_epoch(run, cfg, data, sampler, stop):
                     run.board.add_scalar(f"train/{key}", value, run.step)
             bar.set_postfix({k: f"{v:.3g}" for k, v in run.last.items()}, refresh=False)
             bar.update()
-            run.step, run.epoch_step, run.nimg = run.step + 1, run.epoch_step + 1, run.nimg + len(idx)
-            if stop.signum is not None:
+            run.step, run.epoch_step, run.nimg = run.step + 1, run.epoch_step + 1, run.nimg + cfg.batch_size
+            if stop.seen(run.device):
                 return False
         return bool(cfg.max_steps) and run.step >= cfg.max_steps
     finally:

@@ -182,6 +182,65 @@ def seed_everything(seed):
 
 
 # ---------------------------------------------------------------------------------------
+# Several processes (torchrun): helpers that do nothing in a single process
+# ---------------------------------------------------------------------------------------
+def init_distributed(device):
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, Gloo on CPU).
+    Returns (rank, world_size, device): each process takes the GPU of its LOCAL_RANK."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank}: this node has only {torch.cuda.device_count()} GPUs "
+                            "(lower torchrun's --nproc_per_node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=(
+        device if device.type == "cuda" else None))
+    return rank, world_size, device
+
+
+def distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_reduce_mean(tensors):
+    """Average each tensor of a list over the processes, in place, with one flat all-reduce."""
+    if distributed() and tensors:
+        flat = torch.cat([t.reshape(-1) for t in tensors]).div_(torch.distributed.get_world_size())
+        torch.distributed.all_reduce(flat)
+        torch._foreach_copy_(tensors, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]),
+                                                                     tensors)])
+    return tensors
+
+
+def same_on_every_process(tensors):
+    """True when the tensors hold the same values in every process (the replicas stay in step)."""
+    if not distributed():
+        return True
+    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
+    fingerprint = torch.stack([flat.sum(), flat.square().sum(), -flat.sum(), -flat.square().sum()])
+    torch.distributed.all_reduce(fingerprint, op=torch.distributed.ReduceOp.MAX)
+    return bool((fingerprint[:2] == -fingerprint[2:]).all())
+
+
+def any_process(flag, device):
+    """True on every process when `flag` is true on any (a stop signal seen by one process stops all)."""
+    if not distributed():
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def close_distributed():
+    if distributed():
+        torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------
 # Losses and penalties (pure functions of scores, images and latents)
 # ---------------------------------------------------------------------------------------
 def d_wgan_loss(real_pred, fake_pred, drift):

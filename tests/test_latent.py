@@ -126,12 +126,12 @@ def test_save_gif_bounces(tmp_path):
 # modes on checkpoints
 # ---------------------------------------------------------------------------------------
 def test_mixing_grid_layout_and_crossover(cond_run, tmp_path):
-    flags = ["--mode", "mixing", "--seeds", "1,2", "--mix-seeds", "3,4,5", "--label", "AD"]
+    flags = ["--mode", "mixing", "--seeds", "1,2", "--mix-seeds", "3,4,5", "--label", "AD", "--device", "cpu"]
     assert run(cond_run, tmp_path / "a", *flags) == 0
     grid = read(tmp_path / "a" / "mixing.png")
     assert grid.shape == (PAD + 3 * (R + PAD), PAD + 4 * (R + PAD))
     assert tile(grid, 0, 0).max() == 0  # blank corner
-    assert run(cond_run, tmp_path / "s", "--seeds", "1,3", "--label", "AD") == 0
+    assert run(cond_run, tmp_path / "s", "--seeds", "1,3", "--label", "AD", "--device", "cpu") == 0
     assert np.abs(tile(grid, 1, 0) - read(tmp_path / "s" / "seed0001_AD.png")).max() <= 1  # row source image
     assert np.abs(tile(grid, 0, 1) - read(tmp_path / "s" / "seed0003_AD.png")).max() <= 1  # column source image
     mix = tile(grid, 1, 1)
@@ -225,7 +225,8 @@ def target_slice(data):
 
 def test_projection_lowers_pixel_loss_and_writes_outputs(cond_run, data, tmp_path):
     target = target_slice(data)
-    flags = ["--mode", "project", "--target", str(target), "--project-steps", "40", "--frames", "4", "--label", "AD"]
+    flags = ["--mode", "project", "--target", str(target), "--project-steps", "40", "--frames", "4", "--label", "AD",
+             "--device", "cpu"]  # the same w twice: bit for bit on the CPU
     assert run(cond_run, tmp_path / "a", *flags) == 0
     stem = tmp_path / "a" / target.stem
     report = json.loads(stem.with_name(stem.name + "_projection.json").read_text())

@@ -39,10 +39,11 @@ def test_train_writes_samples_checkpoints_plot_and_config(cond_run):
 
 
 def test_resume_is_exact(data, tmp_path):
-    """3 steps + resume to 7 steps == 7 steps in one go, bit for bit (crossing an epoch boundary)."""
+    """3 steps + resume to 7 steps == 7 steps in one go, bit for bit (crossing an epoch boundary).
+    On the CPU: cuDNN's autotuned kernels and atomic adds vary a CUDA run's last bits."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert train.main(smoke(data, straight, "--max-steps", "7")) == 0
-    assert train.main(smoke(data, split, "--max-steps", "3")) == 0
+    assert train.main(smoke(data, straight, "--max-steps", "7", "--device", "cpu")) == 0
+    assert train.main(smoke(data, split, "--max-steps", "3", "--device", "cpu")) == 0
     assert train.main(["--resume", "--out-dir", str(split), "--max-steps", "7"]) == 0
     a, _ = utils.load_checkpoint(straight / "Models")
     b, _ = utils.load_checkpoint(split / "Models")
