@@ -17,6 +17,53 @@ def tiny_generator(img_channels=1, num_classes=0, z_dim=16, w_dim=16):
 
 
 # ---------------------------------------------------------------------------------------
+# Convolutions whose derivatives are convolutions
+# ---------------------------------------------------------------------------------------
+CONV_CASES = [  # cin, cout, kernel, stride, padding, groups, transpose, size: every use in the model
+    (4, 6, 3, 1, 1, 1, False, 7),  # 3x3 convolution
+    (4, 6, 1, 1, 0, 1, False, 5),  # 1x1 (to image, skip)
+    (6, 4, 3, 2, 0, 1, True, 5),  # up-sampling transposed 3x3
+    (4, 4, 4, 1, 1, 4, False, 9),  # depthwise blur
+    (4, 6, 3, 2, 1, 1, False, 8),  # strided (the transposed one's input gradient)
+]
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,padding,groups,transpose,size", CONV_CASES)
+def test_conv2d_matches_torch_to_the_second_derivative(cin, cout, k, stride, padding, groups, transpose, size):
+    torch.manual_seed(0)
+    x = torch.randn(3, cin, size, size, dtype=torch.float64, requires_grad=True)
+    shape = (cin, cout // groups, k, k) if transpose else (cout, cin // groups, k, k)
+    w = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    ours = lambda x, w: modules.conv2d(x, w, stride, padding, groups, transpose)  # noqa: E731
+    theirs = (lambda x, w: torch.nn.functional.conv_transpose2d(x, w, None, stride, padding, 0, groups)) if transpose \
+        else (lambda x, w: torch.nn.functional.conv2d(x, w, None, stride, padding, 1, groups))
+    assert torch.allclose(ours(x, w), theirs(x, w))
+    # first and second derivatives (the lazy penalties' double backward) against PyTorch's own
+    g = torch.randn_like(ours(x, w))
+
+    def derivatives(f):
+        x.grad = w.grad = None
+        gx, gw = torch.autograd.grad(f(x, w), (x, w), g, create_graph=True)
+        (gx.square().sum() + gw.square().sum()).backward()
+        return gx.detach(), gw.detach(), x.grad.clone(), w.grad.clone()
+
+    for a, b in zip(derivatives(ours), derivatives(theirs)):
+        assert torch.allclose(a, b)
+    assert torch.autograd.gradgradcheck(ours, (x, w))
+
+
+def test_conv2d_under_autocast_computes_in_bf16_and_returns_float32_gradients():
+    x, w = torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(6, 4, 3, 3, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = modules.conv2d(x, w, padding=1)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()  # the backward runs outside autocast: dtypes must still agree
+    assert x.grad.dtype == w.grad.dtype == torch.float32
+    ref = torch.nn.functional.conv2d(x.detach(), w.detach(), padding=1)
+    assert (y.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+# ---------------------------------------------------------------------------------------
 # Equalised learning rate
 # ---------------------------------------------------------------------------------------
 def test_equal_linear_keeps_unit_variance():

@@ -1,12 +1,14 @@
 """End to end: train.py writes samples, checkpoints and plots; resume is exact; a stop signal saves
 a checkpoint; a non-finite loss stops without touching the last good checkpoint;
 generate_images.py writes what it is asked for, and the same seed gives the same image."""
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -158,3 +160,21 @@ def test_scripts_run_as_commands(cond_run, tmp_path):
     assert len(list(tmp_path.glob("seed*.png"))) == 2
     bad = subprocess.run([sys.executable, "train.py", "--epochs", "-1"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --epochs must be >= 1, got -1"
+
+
+def test_compile_falls_back_to_eager_with_one_warning(data, tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C compiler found\nlong details")
+    monkeypatch.setattr(torch, "compile", broken)
+    assert train.main(smoke(data, tmp_path, "--max-steps", "2", "--compile", "--eval-every", "0")) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: --compile: torch.compile does not work here (RuntimeError: no C compiler found); "
+                        "training runs eagerly"]
+    state, _ = utils.load_checkpoint(tmp_path / "Models")
+    assert state["step"] == 2 and state["config"]["compile"] is True
+
+
+def test_amp_is_a_cuda_setting():
+    cfg = utils.resolve_settings({"AMP": True}, "", "smoke")
+    run = train.build_run(cfg, SimpleNamespace(class_names=["AD", "NC"], channels=1), torch.device("cpu"))
+    assert run.amp is False and isinstance(train.autocast(run), contextlib.nullcontext)  # no bf16 on the CPU
