@@ -65,6 +65,13 @@ EVAL_METRIC = "auto"  # metric that picks Models/best.pt: auto (fid with Incepti
 INCEPTION_WEIGHTS = ""  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth for FID/KID (empty: skipped)
 TENSORBOARD = False  # also log losses, metrics and sample grids to OUT_DIR/runs (needs: pip install tensorboard)
 
+# --- small data: adaptive discriminator augmentation (StyleGAN2-ADA) -------------------
+AUGMENT = "none"  # none | ada (p adapts to D's overfitting) | fixed (p = AUGMENT_P throughout, DiffAugment style)
+AUGMENT_P = 0.0  # probability of each augmentation of the images D sees: fixed's p, or ada's starting p
+ADA_TARGET = 0.6  # ada: target of r_t = E[sign(D(real))]; p rises while r_t is above it
+ADA_INTERVAL = 4  # ada: iterations between adjustments of p
+ADA_KIMG = 100.0  # ada: thousands of images for p to move from 0 to 1 at most (StyleGAN2-ADA: 500, for longer runs)
+
 # --- speed and several processes (torchrun --nproc_per_node=N train.py ...) ------------
 AMP = True  # CUDA: bf16 autocast of the G and D forward passes (penalties stay float32); no effect on CPU
 COMPILE = False  # torch.compile the synthesis network and D (falls back to eager, with a warning, where it cannot)
@@ -116,6 +123,7 @@ CHOICES = {
     "RESIZE_MODE": ("pad", "resize"),
     "LR_SCHEDULE": ("constant", "cyclic", "step"),
     "LOSS": ("wgan-gp", "logistic"),
+    "AUGMENT": ("none", "ada", "fixed"),
     "DEVICE": ("auto", "cpu", "cuda"),
     "GEN_NOISE_MODE": ("const", "random", "none"),
     "GEN_DEVICE": ("auto", "cpu", "cuda"),
@@ -144,7 +152,8 @@ RANGES = {  # inclusive (low, high); None: unbounded
     "GEN_PROJECT_STEPS": (1, None), "GEN_PROJECT_LR": (0, None), "GEN_PROJECT_FEATURES": (0, None),
     "GEN_PROJECT_NOISE_REG": (0, None), "EVAL_EVERY": (0, None), "EVAL_N": (8, None), "EVALUATE_N": (8, None),
     "EVALUATE_CAS_EPOCHS": (1, None), "EVALUATE_TRUNCATION": (0, None), "EVALUATE_SEED": (0, 2**63 - 1),
-    "EVALUATE_BATCH": (1, None),
+    "EVALUATE_BATCH": (1, None), "AUGMENT_P": (0, 1), "ADA_TARGET": (0, 1), "ADA_INTERVAL": (1, None),
+    "ADA_KIMG": (1e-6, None),
 }
 
 # --- presets: --preset NAME applies these before the flags ----------------------------

@@ -22,9 +22,10 @@ from tqdm import tqdm
 import constants
 from dataset import EpochSampler, load_slices, random_flips, to_model_range
 from evaluate import Evaluator, best_metric, load_inception
-from modules import Discriminator, Generator
+from modules import AugmentPipe, Discriminator, Generator
 from utils import (
     UserError,
+    ada_update,
     all_reduce_mean,
     any_process,
     checkpoint_path,
@@ -60,7 +61,7 @@ from utils import (
 # Settings that define the network's shape: a resumed run must keep them.
 ARCHITECTURE = ("RESOLUTION", "IMAGE_MODE", "Z_DIM", "W_DIM", "MAPPING_LAYERS", "MAPPING_LR_MULT",
                 "CHANNEL_BASE", "CHANNEL_MAX", "CONDITIONAL", "MBSTD_GROUP")
-HISTORY_KEYS = ("loss_gen", "loss_critic", "gp", "plp", "real_score", "fake_score")
+HISTORY_KEYS = ("loss_gen", "loss_critic", "gp", "plp", "real_score", "fake_score", "real_sign", "aug_p")
 EXTRA_FLAGS = [
     (("--preset",), dict(choices=sorted(constants.PRESETS), help="named set of settings from constants.PRESETS")),
     (("--resume",), dict(action="store_true", help="continue from the newest checkpoint in OUT_DIR/Models")),
@@ -130,6 +131,8 @@ def build_run(cfg, data, device):
     synthesis, D_main = compiled([G.synthesis, D], device) if cfg.compile else (G.synthesis, D)
     return SimpleNamespace(G=G, D=D, G_ema=G_ema, opt_G=opt_G, opt_D=opt_D, model_args=model_args,
                            synthesis=synthesis, D_main=D_main, amp=cfg.amp and device.type == "cuda",
+                           augment=AugmentPipe() if cfg.augment != "none" else None,
+                           aug_p=cfg.augment_p if cfg.augment != "none" else 0.0, ada_signs=[],
                            intervals=intervals, class_names=data.class_names, device=device,
                            pl_mean=torch.zeros([], device=device), step=0, epoch=0, epoch_step=0, nimg=0,
                            history={k: [] for k in HISTORY_KEYS}, metrics=[], last={}, board=None)
@@ -181,10 +184,22 @@ def generate(run, cfg, z, labels, update_w_avg=False):
         return run.synthesis(ws)
 
 
+def augment(run, images):
+    """The augmentation every image D sees goes through (--augment ada|fixed), with probability p."""
+    return run.augment(images, run.aug_p) if run.augment is not None else images
+
+
 def discriminate(run, images, labels):
-    """D's main forward (compiled, autocast), scores in float32."""
+    """D's main forward on augmented images (compiled, autocast), scores in float32."""
     with autocast(run):
-        return run.D_main(images, labels).float()
+        return run.D_main(augment(run, images), labels).float()
+
+
+def overfitting_sign(real_pred, fake_pred, loss):
+    """ADA's r_t term, E[sign(D(real))]; a WGAN critic has no fixed zero, so there the reals' scores
+    are taken relative to the mean fake score."""
+    zero = fake_pred.mean() if loss == "wgan-gp" else 0.0
+    return (real_pred - zero).sign().mean().detach()
 
 
 def d_step(run, cfg, real, labels, regularize):
@@ -198,13 +213,14 @@ def d_step(run, cfg, real, labels, regularize):
     else:
         loss = d_logistic_loss(real_pred, fake_pred)
     stats = dict(loss_critic=loss.detach(), real_score=real_pred.mean().detach(),
+                 real_sign=overfitting_sign(real_pred, fake_pred, cfg.loss),
                  fake_score=fake_pred.mean().detach(), grad_d=optimizer_step(run.opt_D, loss))
     if regularize:
         if cfg.loss == "wgan-gp":
-            penalty, weight = gradient_penalty(lambda x: D(x, labels), real, fake), cfg.gp_lambda
+            penalty, weight = gradient_penalty(lambda x: D(augment(run, x), labels), real, fake), cfg.gp_lambda
         else:
             real = real.detach().requires_grad_(True)
-            penalty, weight = r1_penalty(D(real, labels), real), cfg.r1_gamma / 2
+            penalty, weight = r1_penalty(D(augment(run, real), labels), real), cfg.r1_gamma / 2
         stats["grad_d_reg"] = optimizer_step(run.opt_D, penalty * weight * run.intervals["D"])
         stats["gp"] = penalty.detach()
     return stats
@@ -240,10 +256,22 @@ def train_step(run, cfg, data, idx):
     all_reduce_mean([values, run.G.mapping.w_avg, run.pl_mean])  # several processes: their mean
     ema_update(run.G_ema, run.G, ema_beta(cfg.batch_size, cfg.ema_kimg, cfg.ema_rampup, run.nimg))
     values = dict(zip(stats, values.tolist()))  # one sync
+    if cfg.augment == "ada":
+        adapt_augmentation(run, cfg, values["real_sign"])
+    values["aug_p"] = run.aug_p
     for name, value in values.items():
         if not math.isfinite(value):
             raise Diverged(f"non-finite {name} ({value}) at step {run.step}")
     return values
+
+
+def adapt_augmentation(run, cfg, real_sign):
+    """Every ADA_INTERVAL iterations, move p by the overfitting heuristic r_t of those iterations."""
+    run.ada_signs.append(real_sign)
+    if len(run.ada_signs) == cfg.ada_interval:
+        rt = sum(run.ada_signs) / len(run.ada_signs)
+        run.aug_p = ada_update(run.aug_p, rt, cfg.ada_target, cfg.ada_interval * cfg.batch_size, cfg.ada_kimg)
+        run.ada_signs = []
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,7 +285,7 @@ def checkpoint_state(run, cfg):
         G=run.G.state_dict(), D=run.D.state_dict(), G_ema=run.G_ema.state_dict(),
         opt_G=run.opt_G.state_dict(), opt_D=run.opt_D.state_dict(),
         step=run.step, epoch=run.epoch, epoch_nimg=run.epoch_step * cfg.batch_size, nimg=run.nimg,
-        pl_mean=run.pl_mean.detach().cpu(),
+        pl_mean=run.pl_mean.detach().cpu(), augment_p=run.aug_p, ada_signs=list(run.ada_signs),
         history={k: torch.tensor(v, dtype=torch.float32) for k, v in run.history.items()}, metrics=run.metrics,
         rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if cuda else []))
 
@@ -270,6 +298,8 @@ def restore(run, state, cfg, data):
     run.step, run.epoch, run.nimg = state["step"], state["epoch"], state["nimg"]
     run.epoch_step = state["epoch_nimg"] // cfg.batch_size
     run.pl_mean = state["pl_mean"].to(run.device)
+    if cfg.augment == "ada":  # p continues where it was (a fixed p is the setting's)
+        run.aug_p, run.ada_signs = state.get("augment_p", cfg.augment_p), list(state.get("ada_signs", []))
     run.history = {k: state["history"][k].tolist() if k in state["history"] else [] for k in HISTORY_KEYS}
     run.metrics = list(state.get("metrics", []))
     torch.set_rng_state(state["rng"]["torch"])
@@ -499,6 +529,8 @@ def run_epoch(run, cfg, data, sampler, stop):
             for key in HISTORY_KEYS:
                 run.history[key].append(values.get(key, float("nan")))
             run.last.update({k: values[k] for k in ("gp", "loss_critic", "loss_gen", "plp") if k in values})
+            if cfg.augment != "none":
+                run.last["p"] = values["aug_p"]
             if run.board is not None:
                 for key, value in values.items():
                     run.board.add_scalar(f"train/{key}", value, run.step)

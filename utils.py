@@ -289,6 +289,13 @@ def path_length_penalty(fake_img, ws, pl_mean, decay):
     return (lengths - new_mean).square().mean(), new_mean
 
 
+def ada_update(p, rt, target, nimg, ada_kimg):
+    """StyleGAN2-ADA's overfitting heuristic: while r_t = E[sign(D(real))] is above the target, D is
+    too sure of the reals and p rises; below it p falls; by nimg / (ada_kimg * 1000), within [0, 1]."""
+    step = nimg / (ada_kimg * 1000)
+    return min(max(p + step * ((rt > target) - (rt < target)), 0.0), 1.0)
+
+
 # ---------------------------------------------------------------------------------------
 # Exponential moving average of the generator
 # ---------------------------------------------------------------------------------------
@@ -468,10 +475,12 @@ def smooth(values, window):
 
 
 def plot_losses(history, path):
-    """Generator and discriminator losses per iteration: raw (faint) and smoothed, one panel each."""
+    """Generator and discriminator losses per iteration, raw (faint) and smoothed, one panel each;
+    with augmentation, a third panel of its probability p and ADA's overfitting heuristic r_t."""
     plt = pyplot()
     panels = [("loss_gen", "generator loss"), ("loss_critic", "discriminator loss")]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 6), sharex=True)
+    augmented = any(v > 0 for v in history.get("aug_p", []))
+    fig, axes = plt.subplots(len(panels) + augmented, 1, figsize=(9, 6 + 2.5 * augmented), sharex=True)
     for ax, (key, title) in zip(axes, panels):
         values = np.asarray(history.get(key, []), dtype=np.float64)
         steps = np.arange(1, len(values) + 1)
@@ -481,6 +490,16 @@ def plot_losses(history, path):
         ax.set_title(title)
         ax.set_ylabel("loss")
         ax.legend(loc="upper right")
+    if augmented:
+        ax = axes[-1]
+        lines = (("aug_p", "p", "tab:green"), ("real_sign", "r_t = E[sign D(real)], smoothed", "tab:gray"))
+        for key, label, color in lines:
+            values = np.asarray(history.get(key, []), dtype=np.float64)
+            if key == "real_sign" and len(values):
+                values = smooth(values, max(1, len(values) // 50))
+            ax.plot(np.arange(1, len(values) + 1), values, color=color, label=label)
+        ax.set_title("augmentation")
+        ax.legend(loc="upper left")
     axes[-1].set_xlabel("iteration")
     fig.tight_layout()
     save_figure(fig, path)
