@@ -13,6 +13,8 @@ IMAGE_MODE = "L"  # L (grayscale, 1 channel) or RGB (3 channels); the model's ch
 RESIZE_MODE = "pad"  # pad: pad to square then resize (keeps the anatomy); resize: stretch to square
 HFLIP = True  # random horizontal (left-right) flips of real images
 VFLIP = False  # random vertical flips of real images (seed 000 used them)
+ROTATE = 0.0  # random rotation of real images by up to +-ROTATE degrees (seed 004; e.g. 10)
+JITTER = 0.0  # brightness and contrast jitter of real images: factors in [1 - JITTER, 1 + JITTER] (seed 004)
 SLICE_RANGE = (0.0, 1.0)  # NIfTI volumes: axial slices from LO to HI (fractions of the height) that contain brain
 SKIP_BAD_IMAGES = False  # skip and count unreadable images instead of stopping
 LOAD_THREADS = 2  # threads that decode images into the in-memory cache at start
@@ -28,6 +30,8 @@ CONDITIONAL = False  # condition G (class embedding) and D (projection) on the c
 MBSTD_GROUP = 4  # minibatch standard-deviation group size in D
 STYLE_MIXING_PROB = 0.9  # probability of mixing two latents in a training batch
 W_AVG_BETA = 0.995  # decay of the tracked mean w used by truncation
+SPECTRAL_NORM = False  # spectral normalisation of every D layer (seed 003)
+ATTENTION_RES = 0  # resolution of a self-attention block in G and D (seed 003), a power of two from 8 (0: none)
 
 # --- training -------------------------------------------------------------------------
 OUT_DIR = "."  # Models/ and saved_examples/ are created under this folder
@@ -138,7 +142,7 @@ RANGES = {  # inclusive (low, high); None: unbounded
     "RESOLUTION": (32, 1024), "DEMO_ATROPHY": (0, None), "LOAD_THREADS": (1, None),
     "Z_DIM": (1, None), "W_DIM": (1, None), "MAPPING_LAYERS": (1, None),
     "MAPPING_LR_MULT": (1e-6, None), "CHANNEL_BASE": (1, None), "CHANNEL_MAX": (1, None),
-    "MBSTD_GROUP": (1, None), "STYLE_MIXING_PROB": (0, 1), "W_AVG_BETA": (0, 1),
+    "MBSTD_GROUP": (1, None), "STYLE_MIXING_PROB": (0, 1), "W_AVG_BETA": (0, 1), "ATTENTION_RES": (0, 1024),
     "BATCH_SIZE": (1, None), "EPOCHS": (1, None), "MAX_STEPS": (0, None),
     "G_LR": (0, None), "D_LR": (0, None), "ADAM_BETAS": (0, 0.9999),
     "LR_CYCLE_STEPS": (1, None), "LR_CYCLE_MIN": (0, 1), "LR_STEP_EPOCHS": (1, None),
@@ -152,8 +156,8 @@ RANGES = {  # inclusive (low, high); None: unbounded
     "GEN_PROJECT_STEPS": (1, None), "GEN_PROJECT_LR": (0, None), "GEN_PROJECT_FEATURES": (0, None),
     "GEN_PROJECT_NOISE_REG": (0, None), "EVAL_EVERY": (0, None), "EVAL_N": (8, None), "EVALUATE_N": (8, None),
     "EVALUATE_CAS_EPOCHS": (1, None), "EVALUATE_TRUNCATION": (0, None), "EVALUATE_SEED": (0, 2**63 - 1),
-    "EVALUATE_BATCH": (1, None), "AUGMENT_P": (0, 1), "ADA_TARGET": (0, 1), "ADA_INTERVAL": (1, None),
-    "ADA_KIMG": (1e-6, None),
+    "EVALUATE_BATCH": (1, None), "ROTATE": (0, 180), "JITTER": (0, 1),
+    "AUGMENT_P": (0, 1), "ADA_TARGET": (0, 1), "ADA_INTERVAL": (1, None), "ADA_KIMG": (1e-6, None),
 }
 
 # --- presets: --preset NAME applies these before the flags ----------------------------

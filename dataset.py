@@ -10,6 +10,7 @@ The last section builds a demo data set in the ADNI layout from the MNI152 brain
 ships with nilearn, for trying the project without ADNI access (build_demo_dataset)."""
 import functools
 import json
+import math
 import os
 import shutil
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
@@ -278,6 +280,25 @@ def random_flips(x, hflip, vflip):
         if enabled:
             mask = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
             x = torch.where(mask, x.flip(dim), x)
+    return x
+
+
+def random_rotation_and_jitter(x, degrees, jitter):
+    """Seed 004's augmentations of real images, on a (N, C, H, W) batch in [-1, 1]: a rotation by an
+    angle within +-degrees (black outside the slice), then brightness and contrast factors drawn from
+    [1 - jitter, 1 + jitter] (as torchvision's ColorJitter). Zero settings return the batch itself."""
+    n, device = x.shape[0], x.device
+    if degrees > 0:
+        theta = (torch.rand(n, device=device) * 2 - 1) * math.radians(degrees)
+        cos, sin, zero = theta.cos(), theta.sin(), torch.zeros_like(theta)
+        matrix = torch.stack([cos, -sin, zero, sin, cos, zero], 1).reshape(n, 2, 3)  # (N, 2, 3)
+        grid = F.affine_grid(matrix, list(x.shape), align_corners=False)
+        x = F.grid_sample(x + 1, grid, align_corners=False) - 1  # zero padding of x + 1: black
+    if jitter > 0:
+        factor = lambda: 1 + (torch.rand(n, 1, 1, 1, device=device) * 2 - 1) * jitter  # noqa: E731
+        y = (x + 1) / 2 * factor()  # brightness, on [0, 1]
+        mean = y.mean(dim=[1, 2, 3], keepdim=True)
+        x = ((y - mean) * factor() + mean).clamp(0, 1) * 2 - 1  # contrast around each image's mean
     return x
 
 

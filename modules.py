@@ -153,6 +153,24 @@ class Blur(nn.Module):
         return conv2d(x, self.kernel.expand(c, 1, 4, 4), padding=1, groups=c)
 
 
+class SelfAttention(nn.Module):
+    """SAGAN self-attention (seed 003): every position attends to every other one, and the result is
+    added through a learned gain that starts at zero, so a new block begins as the identity."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.query = EqualConv2d(channels, max(channels // 8, 1), 1, bias=False, activation=False)
+        self.key = EqualConv2d(channels, max(channels // 8, 1), 1, bias=False, activation=False)
+        self.value = EqualConv2d(channels, channels, 1, bias=False, activation=False)
+        self.gain = nn.Parameter(torch.zeros([]))
+
+    def forward(self, x):  # (N, C, H, W) -> (N, C, H, W)
+        n, c, h, w = x.shape
+        q, k, v = self.query(x).flatten(2), self.key(x).flatten(2), self.value(x).flatten(2)  # (N, C', HW)
+        attention = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # (N, HW, HW); plain ops: twice differentiable
+        return x + self.gain * (v @ attention.transpose(1, 2)).reshape(n, c, h, w)
+
+
 class MappingNetwork(nn.Module):
     """z (and a class label) -> w: pixel norm, then equalised FC layers at a reduced learning rate.
 
@@ -302,22 +320,27 @@ class SynthesisBlock(nn.Module):
 class SynthesisNetwork(nn.Module):
     """Learned 4x4 constant, then one SynthesisBlock per resolution up to the output resolution."""
 
-    def __init__(self, w_dim, resolution, img_channels, channel_base, channel_max):
+    def __init__(self, w_dim, resolution, img_channels, channel_base, channel_max, attention_res=0):
         super().__init__()
         ch = lambda r: channels_at(r, channel_base, channel_max)  # noqa: E731
         self.const = nn.Parameter(torch.randn(ch(4), 4, 4))
         self.conv = StyledLayer(ch(4), ch(4), w_dim, 4)
         self.to_img = ToImage(ch(4), img_channels, w_dim)
-        resolutions = [2**i for i in range(3, int(math.log2(resolution)) + 1)]
-        self.blocks = nn.ModuleList(SynthesisBlock(ch(r // 2), ch(r), w_dim, r, img_channels) for r in resolutions)
+        self.resolutions = [2**i for i in range(3, int(math.log2(resolution)) + 1)]
+        self.blocks = nn.ModuleList(SynthesisBlock(ch(r // 2), ch(r), w_dim, r, img_channels)
+                                    for r in self.resolutions)
+        self.attention_res = attention_res
+        self.attention = SelfAttention(ch(attention_res)) if attention_res else None  # after that block
         self.num_ws = 2 + 2 * len(self.blocks)
 
     def forward(self, ws, noise_mode="random"):  # ws (N, num_ws, w_dim) -> (N, C, R, R)
         x = self.const[None].expand(ws.shape[0], -1, -1, -1)
         x = self.conv(x, ws[:, 0], noise_mode)
         img = self.to_img(x, ws[:, 1])
-        for i, block in enumerate(self.blocks):
+        for i, (block, res) in enumerate(zip(self.blocks, self.resolutions)):
             x, img = block(x, img, ws[:, 1 + 2 * i:4 + 2 * i], noise_mode)
+            if res == self.attention_res:
+                x = self.attention(x)
         return img
 
 
@@ -325,11 +348,11 @@ class Generator(nn.Module):
     """Mapping network + synthesis network, with style mixing in training and truncation at inference."""
 
     def __init__(self, z_dim, w_dim, mapping_layers, resolution, img_channels, num_classes=0,
-                 channel_base=16384, channel_max=256, mapping_lr_mult=0.01, w_avg_beta=0.995):
+                 channel_base=16384, channel_max=256, mapping_lr_mult=0.01, w_avg_beta=0.995, attention_res=0):
         super().__init__()
         self.z_dim, self.num_classes = z_dim, num_classes
         self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, num_classes, mapping_lr_mult, w_avg_beta)
-        self.synthesis = SynthesisNetwork(w_dim, resolution, img_channels, channel_base, channel_max)
+        self.synthesis = SynthesisNetwork(w_dim, resolution, img_channels, channel_base, channel_max, attention_res)
         self.num_ws = self.synthesis.num_ws
 
     def make_ws(self, z, labels=None, truncation=1.0, mixing_prob=0.0, update_w_avg=False):
@@ -378,22 +401,37 @@ class DiscriminatorBlock(nn.Module):
         return (self.skip(x) + self.conv1(self.conv0(x))) / SQRT2
 
 
+def apply_spectral_norm(module):
+    """Spectral normalisation (seed 003) of every convolution and fully connected layer in `module`:
+    each weight is divided by its largest singular value (one power iteration per forward pass).
+    The equalised learning rate's constant is dropped there: it would shrink every layer again."""
+    for layer in module.modules():
+        if isinstance(layer, (EqualConv2d, EqualLinear)):
+            nn.utils.parametrizations.spectral_norm(layer, "weight")
+            layer.scale = layer.lr_mult if isinstance(layer, EqualLinear) else 1.0
+
+
 class Discriminator(nn.Module):
     """Image -> score: from-image 1x1 conv, residual blocks down to 4x4, minibatch std, conv, FC;
     conditional models add a projection of the class embedding onto the final features."""
 
-    def __init__(self, resolution, img_channels, num_classes=0, channel_base=16384, channel_max=256, mbstd_group=4):
+    def __init__(self, resolution, img_channels, num_classes=0, channel_base=16384, channel_max=256, mbstd_group=4,
+                 spectral_norm=False, attention_res=0):
         super().__init__()
         ch = lambda r: channels_at(r, channel_base, channel_max)  # noqa: E731
         self.num_classes = num_classes
         self.from_img = EqualConv2d(img_channels, ch(resolution), 1)
         resolutions = [2**i for i in range(int(math.log2(resolution)), 2, -1)]
-        self.blocks = nn.Sequential(*[DiscriminatorBlock(ch(r), ch(r // 2)) for r in resolutions])
+        self.blocks = nn.Sequential(*[layer for r in resolutions for layer in  # attention before that block
+                                      ([SelfAttention(ch(r))] if r == attention_res else []) +
+                                      [DiscriminatorBlock(ch(r), ch(r // 2))]])
         self.mbstd = MinibatchStdDev(mbstd_group)
         self.conv = EqualConv2d(ch(4) + 1, ch(4), 3)
         self.fc = EqualLinear(ch(4) * 16, ch(4), activation=True)
         self.out = EqualLinear(ch(4), 1)
         self.embed = EqualLinear(num_classes, ch(4), bias=False) if num_classes else None
+        if spectral_norm:
+            apply_spectral_norm(self)
 
     def forward(self, img, labels=None):  # (N, C, R, R) -> (N,)
         x = self.blocks(self.from_img(img))  # (N, ch(4), 4, 4)

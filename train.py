@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import constants
-from dataset import EpochSampler, load_slices, random_flips, to_model_range
+from dataset import EpochSampler, load_slices, random_flips, random_rotation_and_jitter, to_model_range
 from evaluate import Evaluator, best_metric, load_inception
 from modules import AugmentPipe, Discriminator, Generator
 from utils import (
@@ -60,7 +60,7 @@ from utils import (
 
 # Settings that define the network's shape: a resumed run must keep them.
 ARCHITECTURE = ("RESOLUTION", "IMAGE_MODE", "Z_DIM", "W_DIM", "MAPPING_LAYERS", "MAPPING_LR_MULT",
-                "CHANNEL_BASE", "CHANNEL_MAX", "CONDITIONAL", "MBSTD_GROUP")
+                "CHANNEL_BASE", "CHANNEL_MAX", "CONDITIONAL", "MBSTD_GROUP", "SPECTRAL_NORM", "ATTENTION_RES")
 HISTORY_KEYS = ("loss_gen", "loss_critic", "gp", "plp", "real_score", "fake_score", "real_sign", "aug_p")
 EXTRA_FLAGS = [
     (("--preset",), dict(choices=sorted(constants.PRESETS), help="named set of settings from constants.PRESETS")),
@@ -115,12 +115,17 @@ def lazy_ratio(interval):
 def build_run(cfg, data, device):
     """Networks, EMA copy and optimisers for a fresh run."""
     num_classes = len(data.class_names) if cfg.conditional else 0
+    if cfg.attention_res and not (8 <= cfg.attention_res <= cfg.resolution and cfg.attention_res.bit_count() == 1):
+        raise UserError(f"--attention-res {cfg.attention_res}: use 0 or a power of two from 8 to --resolution "
+                        f"{cfg.resolution}")
     model_args = dict(
         G=dict(z_dim=cfg.z_dim, w_dim=cfg.w_dim, mapping_layers=cfg.mapping_layers, resolution=cfg.resolution,
                img_channels=data.channels, num_classes=num_classes, channel_base=cfg.channel_base,
-               channel_max=cfg.channel_max, mapping_lr_mult=cfg.mapping_lr_mult, w_avg_beta=cfg.w_avg_beta),
+               channel_max=cfg.channel_max, mapping_lr_mult=cfg.mapping_lr_mult, w_avg_beta=cfg.w_avg_beta,
+               attention_res=cfg.attention_res),
         D=dict(resolution=cfg.resolution, img_channels=data.channels, num_classes=num_classes,
-               channel_base=cfg.channel_base, channel_max=cfg.channel_max, mbstd_group=cfg.mbstd_group))
+               channel_base=cfg.channel_base, channel_max=cfg.channel_max, mbstd_group=cfg.mbstd_group,
+               spectral_norm=cfg.spectral_norm, attention_res=cfg.attention_res))
     G = Generator(**model_args["G"]).to(device)
     D = Discriminator(**model_args["D"]).to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
@@ -247,6 +252,7 @@ def g_step(run, cfg, labels, batch_size, regularize):
 def train_step(run, cfg, data, idx):
     """One iteration on the batch of dataset indices `idx`; returns {name: float}."""
     real = random_flips(to_model_range(data.images[idx].to(run.device, non_blocking=True)), cfg.hflip, cfg.vflip)
+    real = random_rotation_and_jitter(real, cfg.rotate, cfg.jitter)
     labels = data.labels[idx].to(run.device) if cfg.conditional else None
     set_learning_rates(run, cfg)
     due = {net: bool(r) and run.step % r == 0 for net, r in run.intervals.items()}

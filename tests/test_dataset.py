@@ -312,3 +312,44 @@ def test_to_model_range():
     assert y.dtype == torch.float32
     assert torch.allclose(y, torch.tensor([-1.0, 1.0, 128 * 2 / 255 - 1]), atol=1e-6)
     assert x.tolist() == [0, 255, 128]  # the cached uint8 data is not modified
+
+
+# ---------------------------------------------------------------------------------------
+# Seed 004's real-image rotation and brightness/contrast jitter
+# ---------------------------------------------------------------------------------------
+def disk_and_square(n=6, size=32):
+    """A centred bright disk (unchanged by rotation) and an off-centre square (moved by it), on black."""
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    disk = torch.where((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2, 1.0, -1.0)
+    square = -torch.ones(size, size)
+    square[2:8, 12:20] = 1
+    return disk.expand(n, 1, size, size).clone(), square.expand(n, 1, size, size).clone()
+
+
+def test_rotation_and_jitter_off_is_identity():
+    x = torch.rand(3, 1, 8, 8)
+    assert dataset.random_rotation_and_jitter(x, 0, 0) is x
+
+
+def test_rotation_moves_off_centre_content_only():
+    torch.manual_seed(0)
+    disk, square = disk_and_square()
+    rotated_disk = dataset.random_rotation_and_jitter(disk, 30, 0)
+    rotated_square = dataset.random_rotation_and_jitter(square, 30, 0)
+    assert (rotated_disk - disk).abs().mean() < 0.05  # a disk looks the same at any angle
+    assert sum((a - b).abs().mean() > 0.02 for a, b in zip(rotated_square, square)) >= 4  # most squares moved
+    assert rotated_square[:, :, -1, :].max() == -1  # black fills what comes in from outside
+    assert rotated_square.sum(dim=[1, 2, 3]).add(32 * 32).div(2).sub(48).abs().max() < 12  # its area is kept
+
+
+def test_jitter_scales_brightness_and_contrast_within_range():
+    torch.manual_seed(0)
+    x = torch.full((200, 1, 4, 4), 0.0)  # a flat mid-grey: 0.5 on [0, 1]; contrast leaves it flat
+    y = (dataset.random_rotation_and_jitter(x, 0, 0.2) + 1) / 2
+    levels = y.flatten(1)
+    assert torch.allclose(levels, levels[:, :1])  # still flat
+    assert levels.min() >= 0.5 * 0.8 - 1e-6 and levels.max() <= 0.5 * 1.2 + 1e-6
+    assert levels.min() < 0.5 * 0.85 and levels.max() > 0.5 * 1.15  # the whole range is used
+    contrast = (dataset.random_rotation_and_jitter(disk_and_square(200)[0], 0, 0.2) + 1) / 2
+    spread = contrast.amax(dim=[1, 2, 3]) - contrast.amin(dim=[1, 2, 3])
+    assert spread.min() < 0.9 and spread.max() <= 1  # contrast factors below 1 narrow the range

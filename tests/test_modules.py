@@ -459,3 +459,67 @@ def test_discriminator_gradients_reach_every_parameter():
     D(torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 0, 1])).sum().backward()
     missing = [n for n, p in D.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert missing == []
+
+
+# ---------------------------------------------------------------------------------------
+# Spectral normalisation (seed 003)
+# ---------------------------------------------------------------------------------------
+def test_spectral_norm_makes_every_d_layer_1_lipschitz():
+    torch.manual_seed(0)
+    D = Discriminator(img_channels=1, spectral_norm=True, **TINY)
+    x = torch.randn(8, 1, 32, 32)
+    for _ in range(30):  # power iterations run in training-mode forward passes
+        D(x)
+    layers = [m for m in D.modules() if isinstance(m, (modules.EqualConv2d, EqualLinear))]
+    assert len(layers) == len([m for m in Discriminator(img_channels=1, **TINY).modules()
+                               if isinstance(m, (modules.EqualConv2d, EqualLinear))])
+    for layer in layers:
+        w = layer.weight.reshape(layer.weight.shape[0], -1) * layer.scale
+        assert torch.linalg.matrix_norm(w, 2).item() == pytest.approx(1.0, abs=0.02)
+    plain = Discriminator(img_channels=1, **TINY).blocks[0].conv0
+    assert torch.linalg.matrix_norm(plain.weight.reshape(plain.weight.shape[0], -1) * plain.scale, 2) > 1.2
+
+
+def test_spectral_norm_d_has_second_derivatives():
+    D = Discriminator(img_channels=1, spectral_norm=True, **TINY)
+    x = torch.randn(4, 1, 32, 32, requires_grad=True)
+    g, = torch.autograd.grad(D(x).sum(), x, create_graph=True)
+    g.square().sum().backward()  # R1 / gradient penalty
+    assert D.from_img.parametrizations.weight.original.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------
+# Self-attention (seed 003)
+# ---------------------------------------------------------------------------------------
+def test_self_attention_starts_as_identity_and_mixes_positions_once_trained():
+    torch.manual_seed(0)
+    block = modules.SelfAttention(16)
+    x = torch.randn(2, 16, 8, 8)
+    assert torch.equal(block(x), x)  # gain 0
+    with torch.no_grad():
+        block.gain.fill_(1.0)
+    y = block(x)
+    x2 = x.clone()
+    x2[:, :, 0, 0] += 5  # one position changes ...
+    changed = (block(x2) - y).abs().sum(1)[:, 1:, 1:]
+    assert changed.min() > 0  # ... and every other position's output changes: global receptive field
+
+
+def test_attention_is_placed_at_its_resolution_in_g_and_d():
+    torch.manual_seed(0)
+    G = tiny_generator()
+    G_att = Generator(z_dim=16, w_dim=16, mapping_layers=2, img_channels=1, attention_res=16, **TINY)
+    D_att = Discriminator(img_channels=1, attention_res=16, **TINY)
+    seen = []
+    for net in (G_att, D_att):
+        for m in net.modules():
+            if isinstance(m, modules.SelfAttention):
+                m.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape[-2:])))
+    z = torch.randn(2, 16)
+    D_att(G_att(z))
+    assert seen == [(16, 16), (16, 16)]
+    G_att.load_state_dict({**G_att.state_dict(), **G.state_dict()})  # same weights, attention gain 0
+    assert torch.allclose(G_att(z, noise_mode="const"), G(z, noise_mode="const"), atol=1e-6)
+    x = torch.randn(4, 1, 32, 32, requires_grad=True)
+    g, = torch.autograd.grad(D_att(x).sum(), x, create_graph=True)
+    g.square().sum().backward()  # twice differentiable, for R1 / the gradient penalty

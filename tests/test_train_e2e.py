@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from conftest import smoke
+from conftest import assert_user_error, smoke
 from PIL import Image
 
 import generate_images
@@ -178,3 +178,19 @@ def test_amp_is_a_cuda_setting():
     cfg = utils.resolve_settings({"AMP": True}, "", "smoke")
     run = train.build_run(cfg, SimpleNamespace(class_names=["AD", "NC"], channels=1), torch.device("cpu"))
     assert run.amp is False and isinstance(train.autocast(run), contextlib.nullcontext)  # no bf16 on the CPU
+
+
+def test_spectral_norm_and_attention_train_resume_and_are_part_of_the_architecture(data, tmp_path, capsys):
+    flags = ["--spectral-norm", "--attention-res", "16", "--eval-every", "0"]
+    assert train.main(smoke(data, tmp_path, "--max-steps", "2", *flags)) == 0
+    assert train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "3"]) == 0
+    state, _ = utils.load_checkpoint(tmp_path / "Models")
+    assert state["step"] == 3 and state["model_args"]["D"]["spectral_norm"] is True
+    assert state["model_args"]["G"]["attention_res"] == state["model_args"]["D"]["attention_res"] == 16
+    assert generate_images.main(["--checkpoint", str(tmp_path / "Models"), "--out-dir", str(tmp_path / "gen"),
+                                 "--n", "2"]) == 0
+    capsys.readouterr()
+    code = train.main(["--resume", "--out-dir", str(tmp_path), "--no-spectral-norm"])
+    assert_user_error(capsys, code, "--spectral-norm")
+    code = train.main(smoke(data, tmp_path / "bad", "--attention-res", "12"))
+    assert_user_error(capsys, code, "--attention-res 12")
