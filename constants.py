@@ -50,6 +50,7 @@ LOSS = "wgan-gp"  # wgan-gp (critic with gradient penalty and drift) | logistic 
 GP_LAMBDA = 10.0  # WGAN-GP gradient-penalty weight
 DRIFT = 0.001  # WGAN-GP drift penalty on real scores
 R1_GAMMA = 10.0  # logistic: R1 penalty weight
+WGAN_R1_GAMMA = 0.0  # wgan-gp: weight of an R1 penalty on real images added to the gradient penalty (seed 002: 0.002)
 D_REG_INTERVAL = 4  # iterations between D penalties (GP or R1), applied with gain equal to the interval
 PL_WEIGHT = 2.0  # path-length penalty weight (0: off)
 PL_INTERVAL = 16  # iterations between path-length penalties, applied with gain equal to the interval
@@ -147,7 +148,7 @@ RANGES = {  # inclusive (low, high); None: unbounded
     "G_LR": (0, None), "D_LR": (0, None), "ADAM_BETAS": (0, 0.9999),
     "LR_CYCLE_STEPS": (1, None), "LR_CYCLE_MIN": (0, 1), "LR_STEP_EPOCHS": (1, None),
     "LR_STEP_FACTOR": (0, None), "GP_LAMBDA": (0, None), "DRIFT": (0, None),
-    "R1_GAMMA": (0, None), "D_REG_INTERVAL": (1, None), "PL_WEIGHT": (0, None),
+    "R1_GAMMA": (0, None), "WGAN_R1_GAMMA": (0, None), "D_REG_INTERVAL": (1, None), "PL_WEIGHT": (0, None),
     "PL_INTERVAL": (1, None), "PL_DECAY": (0, 1), "PL_BATCH_SHRINK": (1, None),
     "EMA_KIMG": (0, None), "EMA_RAMPUP": (0, None), "SEED": (0, 2**63 - 1),
     "SAMPLE_EVERY": (1, None), "SAMPLE_COUNT": (1, 256), "CHECKPOINT_EVERY": (1, None),
@@ -174,7 +175,7 @@ PRESETS = {
                     LR_SCHEDULE="cyclic", G_LR=0.001, D_LR=0.001),
     # Seed 002's cheap setup: 64x64, z = w = 512, batch 64, phased learning rate 1e-4 -> 1e-5.
     "adni64": dict(RESOLUTION=64, Z_DIM=512, W_DIM=512, BATCH_SIZE=64, G_LR=1e-4, D_LR=1e-4,
-                   LR_SCHEDULE="step", LR_STEP_EPOCHS=100, LR_STEP_FACTOR=0.1, EPOCHS=150),
+                   LR_SCHEDULE="step", LR_STEP_EPOCHS=100, LR_STEP_FACTOR=0.1, EPOCHS=150, WGAN_R1_GAMMA=0.002),
     # StyleGAN2-ADA's 'auto' configuration at 256x256, whose published speed is the GPU reference:
     # channels 16384/512, 2 mapping layers, batch 32, logistic loss with R1 every 16 iterations (gamma
     # 0.0002 * 256^2 / 32), path length every 4.

@@ -103,7 +103,7 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------
 def reg_intervals(cfg):
     """Lazy regularisation as data: {network: iterations between its penalty (0: none)}."""
-    d_weight = cfg.gp_lambda if cfg.loss == "wgan-gp" else cfg.r1_gamma
+    d_weight = cfg.gp_lambda + cfg.wgan_r1_gamma if cfg.loss == "wgan-gp" else cfg.r1_gamma
     return {"G": cfg.pl_interval if cfg.pl_weight > 0 else 0, "D": cfg.d_reg_interval if d_weight > 0 else 0}
 
 
@@ -221,13 +221,18 @@ def d_step(run, cfg, real, labels, regularize):
                  real_sign=overfitting_sign(real_pred, fake_pred, cfg.loss),
                  fake_score=fake_pred.mean().detach(), grad_d=optimizer_step(run.opt_D, loss))
     if regularize:
-        if cfg.loss == "wgan-gp":
-            penalty, weight = gradient_penalty(lambda x: D(augment(run, x), labels), real, fake), cfg.gp_lambda
-        else:
+        total, shown = 0.0, None  # the penalty's loss, and the value logged as `gp`
+        if cfg.loss == "wgan-gp" and cfg.gp_lambda > 0:
+            gp = gradient_penalty(lambda x: D(augment(run, x), labels), real, fake)
+            total, shown = gp * cfg.gp_lambda, gp
+        r1_gamma = cfg.r1_gamma if cfg.loss == "logistic" else cfg.wgan_r1_gamma  # seed 002: R1 beside the GP
+        if r1_gamma > 0:
             real = real.detach().requires_grad_(True)
-            penalty, weight = r1_penalty(D(augment(run, real), labels), real), cfg.r1_gamma / 2
-        stats["grad_d_reg"] = optimizer_step(run.opt_D, penalty * weight * run.intervals["D"])
-        stats["gp"] = penalty.detach()
+            r1 = r1_penalty(D(augment(run, real), labels), real)
+            total, stats["r1"] = total + r1 * (r1_gamma / 2), r1.detach()
+            shown = r1 if shown is None else shown
+        stats["grad_d_reg"] = optimizer_step(run.opt_D, total * run.intervals["D"])
+        stats["gp"] = shown.detach()
     return stats
 
 

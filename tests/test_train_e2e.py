@@ -194,3 +194,21 @@ def test_spectral_norm_and_attention_train_resume_and_are_part_of_the_architectu
     assert_user_error(capsys, code, "--spectral-norm")
     code = train.main(smoke(data, tmp_path / "bad", "--attention-res", "12"))
     assert_user_error(capsys, code, "--attention-res 12")
+
+
+def test_wgan_r1_adds_an_r1_penalty_to_the_gradient_penalty():
+    """Seed 002: WGAN-GP with a small R1 penalty on the reals as well."""
+    data = SimpleNamespace(class_names=["AD", "NC"], channels=1)
+    real = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    stats = {}
+    for gamma in (0.0, 5.0):
+        cfg = utils.resolve_settings({"LOSS": "wgan-gp", "WGAN_R1_GAMMA": gamma}, "", "smoke")
+        torch.manual_seed(0)
+        run = train.build_run(cfg, data, torch.device("cpu"))
+        torch.manual_seed(1)
+        stats[gamma] = train.d_step(run, cfg, real, None, regularize=True)
+    assert "r1" not in stats[0.0] and stats[5.0]["r1"] > 0
+    assert stats[0.0]["gp"] == stats[5.0]["gp"]  # the same gradient penalty, logged as gp
+    assert stats[5.0]["grad_d_reg"] != stats[0.0]["grad_d_reg"]  # and the R1 term in the update
+    only_r1 = utils.resolve_settings({"LOSS": "wgan-gp", "GP_LAMBDA": 0, "WGAN_R1_GAMMA": 1.0}, "", "smoke")
+    assert train.reg_intervals(only_r1)["D"] == only_r1.d_reg_interval
