@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from modules import rotation
 from utils import UserError, check_slice_range, flag_of
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
@@ -290,9 +291,7 @@ def random_rotation_and_jitter(x, degrees, jitter):
     n, device = x.shape[0], x.device
     if degrees > 0:
         theta = (torch.rand(n, device=device) * 2 - 1) * math.radians(degrees)
-        cos, sin, zero = theta.cos(), theta.sin(), torch.zeros_like(theta)
-        matrix = torch.stack([cos, -sin, zero, sin, cos, zero], 1).reshape(n, 2, 3)  # (N, 2, 3)
-        grid = F.affine_grid(matrix, list(x.shape), align_corners=False)
+        grid = F.affine_grid(rotation(theta)[:, :2], list(x.shape), align_corners=False)
         x = F.grid_sample(x + 1, grid, align_corners=False) - 1  # zero padding of x + 1: black
     if jitter > 0:
         factor = lambda: 1 + (torch.rand(n, 1, 1, 1, device=device) * 2 - 1) * jitter  # noqa: E731

@@ -43,12 +43,6 @@ def conv2d(x, weight, stride=1, padding=0, groups=1, transpose=False, output_pad
     return _Conv.apply(x, weight, (stride, padding, groups, transpose, output_padding))
 
 
-def _conv(x, weight, spec):
-    stride, padding, groups, transpose, output_padding = spec
-    return torch.ops.aten.convolution(x, weight, None, [stride] * 2, [padding] * 2, [1, 1], transpose,
-                                      [output_padding] * 2, groups)
-
-
 def _input_grad(grad, weight, spec, input_shape):
     """d(conv(x, weight)) / dx applied to `grad`: the convolution the other way round."""
     stride, padding, groups, transpose, _ = spec
@@ -64,7 +58,9 @@ class _Conv(torch.autograd.Function):
     def forward(ctx, x, weight, spec):
         ctx.save_for_backward(x, weight)
         ctx.spec = spec
-        return _conv(x, weight, spec)
+        stride, padding, groups, transpose, output_padding = spec
+        return torch.ops.aten.convolution(x, weight, None, [stride] * 2, [padding] * 2, [1, 1], transpose,
+                                          [output_padding] * 2, groups)
 
     @staticmethod
     def backward(ctx, grad):
@@ -93,7 +89,7 @@ class _ConvWeightGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_grad_w):  # <dW, G> is linear in the output gradient and in x
         grad, x = ctx.saved_tensors
-        d_grad = _conv(x, grad_grad_w, ctx.spec) if ctx.needs_input_grad[0] else None
+        d_grad = conv2d(x, grad_grad_w, *ctx.spec) if ctx.needs_input_grad[0] else None
         d_x = _input_grad(grad, grad_grad_w, ctx.spec, x.shape) if ctx.needs_input_grad[1] else None
         return d_grad, d_x, None, None
 

@@ -218,8 +218,9 @@ def d_step(run, cfg, real, labels, regularize):
     else:
         loss = d_logistic_loss(real_pred, fake_pred)
     stats = dict(loss_critic=loss.detach(), real_score=real_pred.mean().detach(),
-                 real_sign=overfitting_sign(real_pred, fake_pred, cfg.loss),
                  fake_score=fake_pred.mean().detach(), grad_d=optimizer_step(run.opt_D, loss))
+    if run.augment is not None:
+        stats["real_sign"] = overfitting_sign(real_pred, fake_pred, cfg.loss)
     if regularize:
         total, shown = 0.0, None  # the penalty's loss, and the value logged as `gp`
         if cfg.loss == "wgan-gp" and cfg.gp_lambda > 0:
@@ -229,8 +230,11 @@ def d_step(run, cfg, real, labels, regularize):
         if r1_gamma > 0:
             real = real.detach().requires_grad_(True)
             r1 = r1_penalty(D(augment(run, real), labels), real)
-            total, stats["r1"] = total + r1 * (r1_gamma / 2), r1.detach()
-            shown = r1 if shown is None else shown
+            total = total + r1 * (r1_gamma / 2)
+            if shown is None:
+                shown = r1
+            else:  # beside the gradient penalty: logged on its own
+                stats["r1"] = r1.detach()
         stats["grad_d_reg"] = optimizer_step(run.opt_D, total * run.intervals["D"])
         stats["gp"] = shown.detach()
     return stats
@@ -501,7 +505,7 @@ def train_on(cfg, state, rank, world_size, device):
             run.board.close()
 
 
-def train_loop(run, cfg, data, sampler, latents, evaluator, metric, save, save_best, samples, main_process=True):
+def train_loop(run, cfg, data, sampler, latents, evaluator, metric, save, save_best, samples, main_process):
     """Epochs until EPOCHS, MAX_STEPS or a stop signal, with samples, evaluations and checkpoints
     (written by the main process)."""
     with StopSignal() as stop:
