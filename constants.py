@@ -76,6 +76,8 @@ AUGMENT_P = 0.0  # probability of each augmentation of the images D sees: fixed'
 ADA_TARGET = 0.6  # ada: target of r_t = E[sign(D(real))]; p rises while r_t is above it
 ADA_INTERVAL = 4  # ada: iterations between adjustments of p
 ADA_KIMG = 100.0  # ada: thousands of images for p to move from 0 to 1 at most (StyleGAN2-ADA: 500, for longer runs)
+PROGRESSIVE = False  # progressive training (seed 003): start at 4x4 and fade in each higher resolution
+PROGRESSIVE_KIMG = 100.0  # progressive: thousands of images per resolution (half fading it in, half at full weight)
 
 # --- speed and several processes (torchrun --nproc_per_node=N train.py ...) ------------
 AMP = True  # CUDA: bf16 autocast of the G and D forward passes (penalties stay float32); no effect on CPU
@@ -159,6 +161,7 @@ RANGES = {  # inclusive (low, high); None: unbounded
     "EVALUATE_CAS_EPOCHS": (1, None), "EVALUATE_TRUNCATION": (0, None), "EVALUATE_SEED": (0, 2**63 - 1),
     "EVALUATE_BATCH": (1, None), "ROTATE": (0, 180), "JITTER": (0, 1),
     "AUGMENT_P": (0, 1), "ADA_TARGET": (0, 1), "ADA_INTERVAL": (1, None), "ADA_KIMG": (1e-6, None),
+    "PROGRESSIVE_KIMG": (1e-6, None),
 }
 
 # --- presets: --preset NAME applies these before the flags ----------------------------

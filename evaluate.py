@@ -26,7 +26,7 @@ from torchvision.models.inception import Inception3, InceptionA, InceptionC, Inc
 from tqdm import tqdm
 
 from dataset import load_slices, to_model_range
-from generate_images import generate, load_generator
+from generate_images import generate, load_discriminator, load_generator
 from utils import (
     UserError,
     checkpoint_settings,
@@ -416,13 +416,41 @@ def sample_images(G, labels, n, seed, device, truncation=1.0, batch=64):
     return quantize(images)
 
 
-class Evaluator:
-    """Real-image statistics computed once; evaluator(G) compares G's images with them."""
+@torch.no_grad()
+def d_scores(D, images, labels, device, batch=64):
+    """D's mean score of images (N, C, R, R) in [-1, 1], un-augmented; D in eval mode (spectral
+    normalisation's power iteration does not step)."""
+    was_training = D.training
+    D.eval()
+    try:
+        scores = [D(images[i:i + batch].to(device), labels[i:i + batch].to(device) if D.num_classes else None).float()
+                  for i in range(0, len(images), batch)]
+    finally:
+        D.train(was_training)
+    return torch.cat(scores).mean().item()
 
-    def __init__(self, images, labels, n, seed, inception=None, batch=64):
+
+def heldout_slices(run, train):
+    """Real slices no training step used (DATA_ROOT/test, when present and not a training split)
+    with the training classes, or None."""
+    if "test" in run.data_splits.split(",") or not (Path(run.data_root) / "test").is_dir():
+        return None
+    test = load_slices(run, splits=["test"])
+    return test if test.class_names == train.class_names and len(test) else None
+
+
+class Evaluator:
+    """Real-image statistics computed once; evaluator(G) compares G's images with them, and
+    evaluator(G, D=D) adds D's scores on training reals, fakes and held-out reals."""
+
+    def __init__(self, images, labels, n, seed, inception=None, batch=64, heldout=None):
         pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
         self.n, self.labels, self.seed, self.batch, self.inception = len(pick), labels[pick], seed, batch, inception
         real = to_model_range(images[pick])  # uint8 -> [-1, 1]
+        self.real, self.heldout = real, None
+        if heldout is not None:
+            keep = torch.randperm(len(heldout.images), generator=torch.Generator().manual_seed(seed))[:n]
+            self.heldout = (to_model_range(heldout.images[keep]), heldout.labels[keep])
         self.resolution = real.shape[-1]
         self.real_desc = swd_descriptors(real, seed)
         self.ms_ssim_real = mean_pair_ms_ssim(real, seed)
@@ -438,10 +466,26 @@ class Evaluator:
             return inception_features(self.inception, images, self.batch)
         return pixel_features(images)
 
-    def __call__(self, G, device, truncation=1.0):
+    def __call__(self, G, device, truncation=1.0, D=None):
         """{metric: value} for the EMA generator G (class labels drawn like the real ones)."""
         fake = sample_images(G, self.labels, self.n, self.seed + 1, device, truncation, self.batch)
-        return self.compare(fake)
+        out = self.compare(fake)
+        if D is not None:
+            out.update(self.discriminator_figures(D, fake, device))
+        return out
+
+    def discriminator_figures(self, D, fake, device):
+        """D's mean score on the training reals, the fakes and (when there are) held-out reals, and
+        d_overfit: the share of D's real-fake margin that held-out reals lose (StyleGAN2-ADA's sign
+        of a memorising D): 0 when D scores unseen reals like training reals, 1 when like fakes."""
+        out = dict(d_real=d_scores(D, self.real, self.labels, device, self.batch),
+                   d_fake=d_scores(D, fake, self.labels, device, self.batch))
+        if self.heldout is not None:
+            out["d_heldout"] = d_scores(D, *self.heldout, device, self.batch)
+            margin = out["d_real"] - out["d_fake"]
+            if margin != 0:
+                out["d_overfit"] = (out["d_real"] - out["d_heldout"]) / margin
+        return out
 
     def compare(self, fake):
         """{metric: value} for generated images (N, C, R, R) in [-1, 1]."""
@@ -546,6 +590,10 @@ DESCRIPTIONS = {
     "kid_std": "standard deviation of KID over subsets",
     "precision": "share of generated images on the real manifold (higher is better)",
     "recall": "share of real images on the generated manifold (higher is better)",
+    "d_real": "D's mean score on training slices (no augmentation)",
+    "d_fake": "D's mean score on generated slices",
+    "d_heldout": "D's mean score on held-out real slices (DATA_ROOT/test)",
+    "d_overfit": "(d_real - d_heldout) / (d_real - d_fake): 0 D generalises, 1 D memorised the training set",
 }
 
 
@@ -589,12 +637,12 @@ def evaluate(cfg):
     device = resolve_device(cfg.device)
     state, path = load_checkpoint(cfg.checkpoint)
     run = checkpoint_settings(state, cfg.data_root)
-    G = load_generator(state, device)
+    G, D = load_generator(state, device), load_discriminator(state, device)
     data = load_slices(run)
     cas = cas_data(cfg, run, G, data, device) if cfg.cas else None
     inception = load_inception(cfg.inception_weights, device)
-    evaluator = Evaluator(data.images, data.labels, cfg.n, cfg.seed, inception, cfg.batch)
-    metrics = evaluator(G, device, cfg.truncation)
+    evaluator = Evaluator(data.images, data.labels, cfg.n, cfg.seed, inception, cfg.batch, heldout_slices(run, data))
+    metrics = evaluator(G, device, cfg.truncation, D)
     results = dict(checkpoint=str(path), step=state["step"], nimg=state["nimg"], data_root=run.data_root,
                    n=evaluator.n, seed=cfg.seed, truncation=cfg.truncation, features=evaluator.feature_space,
                    metric_names=list(metrics), **metrics)

@@ -34,6 +34,7 @@ from dataset import load_image, load_slices, to_model_range
 from modules import Discriminator, Generator, NoiseInjection
 from utils import (
     UserError,
+    checkpoint_growth_level,
     checkpoint_settings,
     load_checkpoint,
     parse_settings,
@@ -75,9 +76,11 @@ def parse_seeds(text, default=(), flag="--seeds"):
 
 
 def load_generator(state, device):
-    """The EMA generator of a checkpoint, in eval mode."""
+    """The EMA generator of a checkpoint, in eval mode (at its growth level if --progressive was
+    still fading in resolutions)."""
     G = Generator(**state["model_args"]["G"])
     G.load_state_dict(state["G_ema"])
+    G.synthesis.level = checkpoint_growth_level(state)
     return G.to(device).eval().requires_grad_(False)
 
 

@@ -307,14 +307,19 @@ class SynthesisBlock(nn.Module):
         self.conv1 = StyledLayer(out_channels, out_channels, w_dim, resolution)
         self.to_img = ToImage(out_channels, img_channels, w_dim)
 
-    def forward(self, x, img, ws, noise_mode="random"):  # x (N, Cin, R/2, R/2) -> (N, Cout, R, R)
+    def forward(self, x, img, ws, noise_mode="random", weight=1.0):  # x (N, Cin, R/2, R/2) -> (N, Cout, R, R)
         x = self.conv0(x, ws[:, 0], noise_mode)
         x = self.conv1(x, ws[:, 1], noise_mode)
-        return x, upsample2x(img) + self.to_img(x, ws[:, 2])
+        out = self.to_img(x, ws[:, 2])
+        return x, upsample2x(img) + (out if weight == 1 else out * weight)  # weight < 1: fading in
 
 
 class SynthesisNetwork(nn.Module):
-    """Learned 4x4 constant, then one SynthesisBlock per resolution up to the output resolution."""
+    """Learned 4x4 constant, then one SynthesisBlock per resolution up to the output resolution.
+
+    `level` is progressive training's growth level (None: every resolution): the image output of
+    the block at 4 * 2^k has weight clamp(level - k + 1, 0, 1), blocks with weight 0 are skipped,
+    and the image is up-sampled to the output resolution."""
 
     def __init__(self, w_dim, resolution, img_channels, channel_base, channel_max, attention_res=0):
         super().__init__()
@@ -328,15 +333,21 @@ class SynthesisNetwork(nn.Module):
         self.attention_res = attention_res
         self.attention = SelfAttention(ch(attention_res)) if attention_res else None  # after that block
         self.num_ws = 2 + 2 * len(self.blocks)
+        self.level = None
 
     def forward(self, ws, noise_mode="random"):  # ws (N, num_ws, w_dim) -> (N, C, R, R)
         x = self.const[None].expand(ws.shape[0], -1, -1, -1)
         x = self.conv(x, ws[:, 0], noise_mode)
         img = self.to_img(x, ws[:, 1])
         for i, (block, res) in enumerate(zip(self.blocks, self.resolutions)):
-            x, img = block(x, img, ws[:, 1 + 2 * i:4 + 2 * i], noise_mode)
+            weight = 1.0 if self.level is None else min(max(self.level - i, 0.0), 1.0)
+            if weight == 0:
+                break
+            x, img = block(x, img, ws[:, 1 + 2 * i:4 + 2 * i], noise_mode, weight)
             if res == self.attention_res:
                 x = self.attention(x)
+        while img.shape[-1] < self.resolutions[-1]:  # a growing generator: up to the output size
+            img = upsample2x(img)
         return img
 
 
@@ -365,6 +376,25 @@ class Generator(nn.Module):
     def forward(self, z, labels=None, truncation=1.0, mixing_prob=0.0, noise_mode="random", update_w_avg=False):
         ws = self.make_ws(z, labels, truncation, mixing_prob, update_w_avg)  # (N, num_ws, w_dim)
         return self.synthesis(ws, noise_mode)  # (N, C, R, R)
+
+
+def at_growth_level(img, level):  # (N, C, R, R) -> (N, C, R, R)
+    """Real images as a growing generator at `level` draws them: down-sampled to 4 * 2^floor(level),
+    blended toward the next resolution by the fraction of level, and up-sampled back to R."""
+    top = int(math.log2(img.shape[-1])) - 2
+    if level is None or level >= top:
+        return img
+
+    def at(k):  # the image at 4 * 2^k, up-sampled back like the skip generator's outputs
+        x = img
+        for _ in range(top - k):
+            x = downsample2x(x)
+        for _ in range(top - k):
+            x = upsample2x(x)
+        return x
+
+    low, fade = math.floor(level), level - math.floor(level)
+    return at(low) if fade == 0 else torch.lerp(at(low), at(low + 1), fade)
 
 
 class MinibatchStdDev(nn.Module):

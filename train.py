@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 import constants
 from dataset import EpochSampler, load_slices, random_flips, random_rotation_and_jitter, to_model_range
-from evaluate import Evaluator, best_metric, load_inception
-from modules import AugmentPipe, Discriminator, Generator
+from evaluate import Evaluator, best_metric, heldout_slices, load_inception
+from modules import AugmentPipe, Discriminator, Generator, at_growth_level
 from utils import (
     UserError,
     ada_update,
@@ -40,6 +40,7 @@ from utils import (
     g_nonsaturating_loss,
     g_wgan_loss,
     gradient_penalty,
+    growth_level,
     init_distributed,
     list_checkpoints,
     load_checkpoint,
@@ -90,7 +91,8 @@ def parse_args(argv=None):
     state, path = load_checkpoint(models)
     cfg = resolve_settings(given, "", preset, base=state["config"])
     for name in ARCHITECTURE:
-        old, new = state["config"][name.lower()], getattr(cfg, name.lower())
+        old = state["config"].get(name.lower(), getattr(constants, name))  # older checkpoints: the default
+        new = getattr(cfg, name.lower())
         if old != new:
             raise UserError(f"{flag_of(name)} is {new!r} but {path} was trained with {old!r}; drop it to resume")
     cfg.preset = preset or state["config"].get("preset")
@@ -183,10 +185,18 @@ def autocast(run):
 
 
 def generate(run, cfg, z, labels, update_w_avg=False):
-    """G's training forward: mapping with style mixing, then the (compiled, autocast) synthesis."""
+    """G's training forward: mapping with style mixing, then the (compiled, autocast) synthesis;
+    a growing generator (--progressive) runs eagerly, as its graph changes with the level."""
     ws = run.G.make_ws(z, labels, mixing_prob=cfg.style_mixing_prob, update_w_avg=update_w_avg)
+    synthesis = run.synthesis if run.G.synthesis.level is None else run.G.synthesis
     with autocast(run):
-        return run.synthesis(ws)
+        return synthesis(ws)
+
+
+def set_growth_level(run, cfg):
+    """--progressive: the growth level of G and G_ema after run.nimg images (None: fully grown)."""
+    level = growth_level(run.nimg, cfg.progressive_kimg, cfg.resolution) if cfg.progressive else None
+    run.G.synthesis.level = run.G_ema.synthesis.level = level
 
 
 def augment(run, images):
@@ -261,7 +271,7 @@ def g_step(run, cfg, labels, batch_size, regularize):
 def train_step(run, cfg, data, idx):
     """One iteration on the batch of dataset indices `idx`; returns {name: float}."""
     real = random_flips(to_model_range(data.images[idx].to(run.device, non_blocking=True)), cfg.hflip, cfg.vflip)
-    real = random_rotation_and_jitter(real, cfg.rotate, cfg.jitter)
+    real = at_growth_level(random_rotation_and_jitter(real, cfg.rotate, cfg.jitter), run.G.synthesis.level)
     labels = data.labels[idx].to(run.device) if cfg.conditional else None
     set_learning_rates(run, cfg)
     due = {net: bool(r) and run.step % r == 0 for net, r in run.intervals.items()}
@@ -355,17 +365,19 @@ def make_evaluator(cfg, data, device):
         return None, None
     inception = load_inception(cfg.inception_weights, device)
     metric = best_metric(cfg.eval_metric, inception)
-    evaluator = Evaluator(data.images, data.labels, min(cfg.eval_n, len(data)), cfg.seed, inception)
+    evaluator = Evaluator(data.images, data.labels, min(cfg.eval_n, len(data)), cfg.seed, inception,
+                          heldout=heldout_slices(cfg, data))
     print(f"evaluation every {cfg.eval_every} epochs on {evaluator.n} images; Models/best.pt by {metric}")
     return evaluator, metric
 
 
 def evaluate_now(run, cfg, evaluator, metric, save_best, samples):
     """Evaluate G_ema, log and plot the figures, and keep Models/best.pt by `metric` (lower is better)."""
-    figures = evaluator(run.G_ema, run.device)
+    figures = evaluator(run.G_ema, run.device, D=run.D)
     previous = [m[metric] for m in run.metrics if metric in m]
     run.metrics.append(dict(epoch=run.epoch, step=run.step, nimg=run.nimg, **figures))
-    shown = {k: v for k, v in figures.items() if k in ("swd", "fid", "kid", "ms_ssim_fake", "precision", "recall")}
+    printed = ("swd", "fid", "kid", "ms_ssim_fake", "precision", "recall", "d_overfit")
+    shown = {k: v for k, v in figures.items() if k in printed}
     tqdm.write(f"epoch {run.epoch} evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     save_json(run.metrics, samples / "metrics.json")
     plot_metrics(run.metrics, samples / "metrics.png")
@@ -468,6 +480,7 @@ def train_on(cfg, state, rank, world_size, device):
     run = build_run(cfg, data, device)
     if state is not None:
         restore(run, state, cfg, data)
+    set_growth_level(run, cfg)
     if world_size > 1:  # each process draws its own latents and flips from here on
         seed_everything(cfg.seed + 1_000_003 * rank + run.step)
     main_process = rank == 0
@@ -552,6 +565,7 @@ def run_epoch(run, cfg, data, sampler, stop):
             bar.set_postfix({k: f"{v:.3g}" for k, v in run.last.items()}, refresh=False)
             bar.update()
             run.step, run.epoch_step, run.nimg = run.step + 1, run.epoch_step + 1, run.nimg + cfg.batch_size
+            set_growth_level(run, cfg)
             if stop.seen(run.device):
                 return False
         return bool(cfg.max_steps) and run.step >= cfg.max_steps

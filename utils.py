@@ -296,6 +296,25 @@ def ada_update(p, rt, target, nimg, ada_kimg):
     return min(max(p + step * ((rt > target) - (rt < target)), 0.0), 1.0)
 
 
+def growth_level(nimg, kimg, resolution):
+    """Progressive training's level after `nimg` images (None once every resolution is in): each
+    resolution above 4x4 takes `kimg` thousand images, the first half at the level below, the
+    second half fading in (level k-1 -> k); level k shows resolutions up to 4 * 2^k."""
+    top = int(math.log2(resolution)) - 2
+    t = nimg / (kimg * 1000)
+    stage = math.floor(t)
+    level = stage + min(max(2 * (t - stage) - 1, 0.0), 1.0)
+    return None if level >= top else level
+
+
+def checkpoint_growth_level(state):
+    """The growth level a checkpoint was trained at (None: not progressive, or fully grown)."""
+    config = state["config"]
+    if not config.get("progressive"):
+        return None
+    return growth_level(state["nimg"], config["progressive_kimg"], config["resolution"])
+
+
 # ---------------------------------------------------------------------------------------
 # Exponential moving average of the generator
 # ---------------------------------------------------------------------------------------
@@ -511,7 +530,8 @@ def plot_metrics(metrics, path):
     panels = [(["swd"] + sorted({k for m in metrics for k in m if k.startswith("swd_")}, key=lambda k: -int(k[4:])),
                "sliced Wasserstein distance x1e3"),
               (["ms_ssim_fake", "ms_ssim_real"], "MS-SSIM of random pairs (diversity)"),
-              (["precision", "recall"], "precision and recall"), (["fid"], "FID"), (["kid"], "KID")]
+              (["precision", "recall"], "precision and recall"), (["fid"], "FID"), (["kid"], "KID"),
+              (["d_real", "d_heldout", "d_fake"], "D's mean score: training reals, held-out reals, fakes")]
     panels = [(keys, title) for keys, title in panels if any(k in m for m in metrics for k in keys)]
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels)), sharex=True, squeeze=False)
     for ax, (keys, title) in zip(axes[:, 0], panels):

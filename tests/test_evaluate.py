@@ -3,6 +3,7 @@ and evaluation during training (metrics.json, metrics.png, Models/best.pt)."""
 import json
 import shutil
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -202,6 +203,31 @@ def test_evaluator_on_its_own_real_images():
     assert worse["swd"] > 10 and "fid" not in worse
 
 
+def test_discriminator_figures_measure_how_much_d_memorised():
+    """d_overfit: 0 when held-out reals score like training reals, 1 when they score like fakes."""
+    class MeanD(torch.nn.Module):  # a "discriminator" scoring each image by its mean brightness
+        num_classes = 0
+
+        def forward(self, img, labels=None):
+            assert not self.training  # scored in eval mode
+            return img.mean([1, 2, 3])
+
+    real = ((blobs(40) + 1) * 127.5).round().to(torch.uint8)
+    labels = torch.zeros(40, dtype=torch.long)
+    bright = torch.full((40, 1, 32, 32), 204, dtype=torch.uint8)  # 0.6 in [-1, 1], exactly
+    fake = evaluate.to_model_range(bright)
+    D = MeanD().train()
+    for heldout_images, expected in ((real, 0.0), (bright, 1.0)):
+        heldout = SimpleNamespace(images=heldout_images, labels=labels)
+        ev = evaluate.Evaluator(real, labels, n=40, seed=0, heldout=heldout)
+        figures = ev.discriminator_figures(D, fake, torch.device("cpu"))
+        assert figures["d_real"] == pytest.approx(evaluate.to_model_range(real).mean().item(), abs=1e-5)
+        assert figures["d_fake"] == pytest.approx(0.6) and figures["d_overfit"] == pytest.approx(expected, abs=1e-5)
+    assert D.training  # left as it was
+    without = evaluate.Evaluator(real, labels, n=40, seed=0).discriminator_figures(D, fake, torch.device("cpu"))
+    assert set(without) == {"d_real", "d_fake"}  # no held-out slices, no d_overfit
+
+
 def test_sample_images_is_seeded_and_leaves_the_global_rng_alone():
     from modules import Generator
     G = Generator(z_dim=8, w_dim=8, mapping_layers=1, resolution=32, img_channels=1, channel_base=64,
@@ -221,6 +247,7 @@ def test_training_logs_metrics_and_keeps_best(cond_run):
     metrics = json.loads((samples / "metrics.json").read_text())
     assert [m["epoch"] for m in metrics] == [1, 2] and [m["step"] for m in metrics] == [6, 12]
     assert {"swd", "swd_32", "swd_16", "ms_ssim_fake", "ms_ssim_real", "precision", "recall"} <= set(metrics[0])
+    assert {"d_real", "d_fake", "d_heldout", "d_overfit"} <= set(metrics[0])  # data/test is the held-out set
     assert (samples / "metrics.png").is_file()
     best, _ = utils.load_checkpoint(cond_run / "Models" / "best.pt")
     best_epoch = min(metrics, key=lambda m: m["swd"])["epoch"]
@@ -267,7 +294,7 @@ def test_evaluate_cli_writes_json_and_markdown(cond_run, data, tmp_path, capsys)
     args = ["--checkpoint", str(cond_run / "Models"), "--data-root", str(data), "--n", "32", "--out", str(out)]
     assert evaluate.main(args) == 0
     results = json.loads(out.read_text())
-    assert {"swd", "ms_ssim_fake", "ms_ssim_real", "precision", "recall"} <= set(results)
+    assert {"swd", "ms_ssim_fake", "ms_ssim_real", "precision", "recall", "d_overfit"} <= set(results)
     assert results["n"] == 32 and results["step"] == 12 and results["features"] == "pixels16"
     assert "fid" not in results and "FID/KID skipped" in capsys.readouterr().out
     table = out.with_suffix(".md").read_text()

@@ -63,6 +63,17 @@ def test_resume_refuses_changed_architecture(data, tmp_path, capsys):
     assert "--z-dim" in capsys.readouterr().err
 
 
+def test_checkpoint_of_an_older_version_resumes_with_defaults_for_newer_settings(data, tmp_path):
+    """A checkpoint written before a setting existed (no key in its config) resumes with its default."""
+    assert train.main(smoke(data, tmp_path, "--max-steps", "1")) == 0
+    state, path = utils.load_checkpoint(tmp_path / "Models")
+    for key in ("spectral_norm", "attention_res", "augment", "progressive"):
+        state["config"].pop(key, None)
+    torch.save(state, path)
+    assert train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "2"]) == 0
+    assert utils.load_checkpoint(tmp_path / "Models")[0]["step"] == 2
+
+
 def test_stop_signal_saves_a_checkpoint_and_resume_continues(data, tmp_path, monkeypatch):
     real_ema_update = train.ema_update
     calls = []
