@@ -447,10 +447,10 @@ class Evaluator:
         pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
         self.n, self.labels, self.seed, self.batch, self.inception = len(pick), labels[pick], seed, batch, inception
         real = to_model_range(images[pick])  # uint8 -> [-1, 1]
-        self.real, self.heldout = real, None
+        self.real_uint8, self.heldout = images[pick], None  # kept as uint8: a quarter of the memory
         if heldout is not None:
             keep = torch.randperm(len(heldout.images), generator=torch.Generator().manual_seed(seed))[:n]
-            self.heldout = (to_model_range(heldout.images[keep]), heldout.labels[keep])
+            self.heldout = (heldout.images[keep], heldout.labels[keep])
         self.resolution = real.shape[-1]
         self.real_desc = swd_descriptors(real, seed)
         self.ms_ssim_real = mean_pair_ms_ssim(real, seed)
@@ -478,10 +478,11 @@ class Evaluator:
         """D's mean score on the training reals, the fakes and (when there are) held-out reals, and
         d_overfit: the share of D's real-fake margin that held-out reals lose (StyleGAN2-ADA's sign
         of a memorising D): 0 when D scores unseen reals like training reals, 1 when like fakes."""
-        out = dict(d_real=d_scores(D, self.real, self.labels, device, self.batch),
+        out = dict(d_real=d_scores(D, to_model_range(self.real_uint8), self.labels, device, self.batch),
                    d_fake=d_scores(D, fake, self.labels, device, self.batch))
         if self.heldout is not None:
-            out["d_heldout"] = d_scores(D, *self.heldout, device, self.batch)
+            images, labels = self.heldout
+            out["d_heldout"] = d_scores(D, to_model_range(images), labels, device, self.batch)
             margin = out["d_real"] - out["d_fake"]
             if margin != 0:
                 out["d_overfit"] = (out["d_real"] - out["d_heldout"]) / margin

@@ -29,6 +29,7 @@ from utils import (
     all_reduce_mean,
     any_process,
     checkpoint_path,
+    checkpoint_settings,
     close_distributed,
     config_dict,
     d_logistic_loss,
@@ -90,9 +91,9 @@ def parse_args(argv=None):
         raise UserError(f"--resume: no checkpoint in {models} (set --out-dir to the run's folder)")
     state, path = load_checkpoint(models)
     cfg = resolve_settings(given, "", preset, base=state["config"])
+    trained = checkpoint_settings(state)  # settings newer than the checkpoint take their defaults
     for name in ARCHITECTURE:
-        old = state["config"].get(name.lower(), getattr(constants, name))  # older checkpoints: the default
-        new = getattr(cfg, name.lower())
+        old, new = getattr(trained, name.lower()), getattr(cfg, name.lower())
         if old != new:
             raise UserError(f"{flag_of(name)} is {new!r} but {path} was trained with {old!r}; drop it to resume")
     cfg.preset = preset or state["config"].get("preset")

@@ -309,10 +309,8 @@ def growth_level(nimg, kimg, resolution):
 
 def checkpoint_growth_level(state):
     """The growth level a checkpoint was trained at (None: not progressive, or fully grown)."""
-    config = state["config"]
-    if not config.get("progressive"):
-        return None
-    return growth_level(state["nimg"], config["progressive_kimg"], config["resolution"])
+    cfg = checkpoint_settings(state)
+    return growth_level(state["nimg"], cfg.progressive_kimg, cfg.resolution) if cfg.progressive else None
 
 
 # ---------------------------------------------------------------------------------------
