@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import constants
+from modules import WINOGRAD, use_winograd
 from train import autocast, build_run, cache_on_device, reg_intervals, setup_device, train_step
 from utils import UserError, describe_device, parse_settings, resolve_settings, seed_everything
 
@@ -112,11 +113,14 @@ def cycle_length(cfg):
     return math.lcm(*[r for r in reg_intervals(cfg).values() if r] or [1])
 
 
-def training_flops(run, cfg, data):
-    """Model FLOPs per image of a training iteration, with the penalties amortised over their cycle."""
+def training_flops(run, cfg, data, device):
+    """Model FLOPs per image of a training iteration, with the penalties amortised over their cycle. They
+    are counted as direct convolutions: Winograd's algorithm multiplies less for the same model."""
     cycle = cycle_length(cfg)
+    use_winograd("off", device)
     with FlopCount() as counter:
         iterations(run, cfg, data, cycle)
+    use_winograd(cfg.winograd, device)
     return counter.total / (cycle * cfg.batch_size)
 
 
@@ -149,11 +153,12 @@ def bench(cfg, iters, warmup):
     seconds = timed(lambda: iterations(run, cfg, data, iters), device)
     memory = peak_memory_mb(device)
     img_per_s = iters * cfg.batch_size / seconds
-    flops = training_flops(run, cfg, data)
+    flops = training_flops(run, cfg, data, device)
     achieved = img_per_s * flops / 1e9
     return dict(device=describe_device(device), resolution=cfg.resolution, batch_size=cfg.batch_size,
                 channel_base=cfg.channel_base, channel_max=cfg.channel_max, mapping_layers=cfg.mapping_layers,
                 threads=torch.get_num_threads(), iters=iters, amp=run.amp, compile=cfg.compile,
+                winograd=WINOGRAD["enabled"],
                 img_per_s=img_per_s, sec_per_kimg=1000 / img_per_s, peak_mem_mb=memory, gflop_per_img=flops / 1e9,
                 achieved_gflops=achieved, peak_conv_gflops=peak, fraction_of_peak=achieved / peak,
                 gen_img_per_s=generation_speed(run, cfg, device))
@@ -162,7 +167,8 @@ def bench(cfg, iters, warmup):
 def report(r):
     return (f"{r['device']}, {r['resolution']}x{r['resolution']}, batch {r['batch_size']}, channels "
             f"{r['channel_base']}/{r['channel_max']}, {r['mapping_layers']} mapping layers, {r['iters']} iterations"
-            f"{', bf16' if r['amp'] else ''}{', compiled' if r['compile'] else ''}:\n"
+            f"{', bf16' if r['amp'] else ''}{', compiled' if r['compile'] else ''}"
+            f"{', Winograd 3x3' if r['winograd'] else ''}:\n"
             f"  training    {r['img_per_s']:.3f} img/s ({r['sec_per_kimg']:.1f} s/kimg), "
             f"peak memory {r['peak_mem_mb']:.0f} MB\n"
             f"  compute     {r['gflop_per_img']:.1f} GFLOP/img -> {r['achieved_gflops']:.1f} GFLOP/s = "

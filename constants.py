@@ -82,6 +82,7 @@ PROGRESSIVE_KIMG = 100.0  # progressive: thousands of images per resolution (hal
 # --- speed and several processes (torchrun --nproc_per_node=N train.py ...) ------------
 AMP = True  # CUDA: bf16 autocast of the G and D forward passes (penalties stay float32); no effect on CPU
 COMPILE = False  # torch.compile the synthesis network and D (falls back to eager, with a warning, where it cannot)
+WINOGRAD = "auto"  # stride-1 3x3 convolutions by Winograd's F(2x2, 3x3): auto (on for CPU, faster there) | on | off
 CACHE_ON_DEVICE = True  # CUDA: keep the uint8 image cache in GPU memory if under a quarter of it (else pinned memory)
 
 # --- generation (flags of generate_images.py, without the GEN_ prefix) ----------------
@@ -132,6 +133,7 @@ CHOICES = {
     "LOSS": ("wgan-gp", "logistic"),
     "AUGMENT": ("none", "ada", "fixed"),
     "DEVICE": ("auto", "cpu", "cuda"),
+    "WINOGRAD": ("auto", "on", "off"),
     "GEN_NOISE_MODE": ("const", "random", "none"),
     "GEN_DEVICE": ("auto", "cpu", "cuda"),
     "GEN_MODE": ("samples", "mixing", "interpolate", "tsne", "truncation", "project", "losses"),

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from dataset import load_slices, to_model_range
 from generate_images import generate, load_discriminator, load_generator
+from modules import use_winograd
 from utils import (
     UserError,
     checkpoint_settings,
@@ -636,6 +637,7 @@ def cas_data(cfg, run, G, train, device):
 def evaluate(cfg):
     """Every figure for one checkpoint, as a flat dict (the JSON written by main)."""
     device = resolve_device(cfg.device)
+    use_winograd("auto", device)
     state, path = load_checkpoint(cfg.checkpoint)
     run = checkpoint_settings(state, cfg.data_root)
     G, D = load_generator(state, device), load_discriminator(state, device)

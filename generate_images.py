@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset import load_image, load_slices, to_model_range
-from modules import Discriminator, Generator, NoiseInjection
+from modules import Discriminator, Generator, NoiseInjection, use_winograd
 from utils import (
     UserError,
     checkpoint_growth_level,
@@ -566,6 +566,7 @@ def main(argv=None):
         given, _ = parse_settings(argv, "GEN_", __doc__)
         cfg = resolve_settings(given, "GEN_")
         device = resolve_device(cfg.device)
+        use_winograd("auto", device)
         state, path = load_checkpoint(cfg.checkpoint)
         G = load_generator(state, device)
         if cfg.label and cfg.mode not in ("samples", "mixing", "interpolate", "truncation", "project"):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 import constants
 from dataset import EpochSampler, load_slices, random_flips, random_rotation_and_jitter, to_model_range
 from evaluate import Evaluator, best_metric, heldout_slices, load_inception
-from modules import AugmentPipe, Discriminator, Generator, at_growth_level
+from modules import AugmentPipe, Discriminator, Generator, at_growth_level, use_winograd
 from utils import (
     UserError,
     ada_update,
@@ -443,6 +443,7 @@ def setup_device(cfg):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    use_winograd(cfg.winograd, device)
     return rank, world_size, device
 
 

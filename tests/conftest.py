@@ -18,6 +18,16 @@ if str(REPO_ROOT) not in sys.path:
 torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))
 
 
+@pytest.fixture(autouse=True)
+def winograd_as_imported():
+    """train.py and bench.py switch Winograd's convolution on for the CPU (a module-wide setting); every
+    test starts from the module's default, off."""
+    import modules
+    saved = dict(modules.WINOGRAD)
+    yield
+    modules.WINOGRAD.update(saved)
+
+
 def assert_user_error(capsys, code, *needles):
     """Exit status 2, exactly one error line on stderr, mentioning each needle, no traceback.
     (tqdm progress bars, which also go to stderr and end in \\r, are not error lines.)"""

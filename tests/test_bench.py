@@ -46,5 +46,15 @@ def test_bench_json_report(capsys):
     assert 0.05 < r["gflop_per_img"] < 1.0
 
 
+def test_bench_counts_model_flops_whichever_convolution_algorithm_runs(capsys):
+    results = {}
+    for setting in ("on", "off"):
+        assert bench.main(["--preset", "smoke", "--batch-size", "8", "--iters", "4", "--warmup", "0", "--json",
+                           "--device", "cpu", "--winograd", setting]) == 0
+        results[setting] = json.loads(capsys.readouterr().out)
+    assert results["on"]["winograd"] and not results["off"]["winograd"]
+    assert results["on"]["gflop_per_img"] == results["off"]["gflop_per_img"]
+
+
 def test_bench_bad_iters(capsys):
     assert_user_error(capsys, bench.main(["--preset", "smoke", "--iters", "0"]), "--iters")

@@ -52,6 +52,79 @@ def test_conv2d_matches_torch_to_the_second_derivative(cin, cout, k, stride, pad
     assert torch.autograd.gradgradcheck(ours, (x, w))
 
 
+def conv_derivatives(f, x, w, g):
+    """Output, first derivatives, and the derivatives of a penalty on them (the lazy penalties' double backward)."""
+    x.grad = w.grad = None
+    y = f(x, w)
+    gx, gw = torch.autograd.grad(y, (x, w), g, create_graph=True)
+    (gx.square().sum() + gw.square().sum()).backward()
+    first = torch.autograd.grad(f(x, w), (x, w), g)  # a first-order backward (no graph): the fused gradient pass
+    return y.detach(), gx.detach(), gw.detach(), x.grad.clone(), w.grad.clone(), *first
+
+
+class Spy:
+    """Counts calls of a function it wraps."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
+@pytest.mark.parametrize("cin,cout,n,h,w,chunk,transpose", [
+    (4, 6, 3, 8, 10, 2**20, False),  # one chunk
+    (5, 4, 5, 6, 12, 800, False),  # chunks of 2, 2 and 1 images
+    (6, 3, 2, 4, 4, 2**20, True),  # a stride-1 transposed 3x3 (an input gradient) is the same convolution
+])
+def test_winograd_matches_direct_convolution_to_the_second_derivative(monkeypatch, cin, cout, n, h, w, chunk,
+                                                                      transpose):
+    monkeypatch.setattr(modules, "WINOGRAD_CHUNK", chunk)
+    torch.manual_seed(0)
+    x = torch.randn(n, cin, h, w, requires_grad=True)
+    weight = torch.randn(*((cin, cout) if transpose else (cout, cin)), 3, 3, requires_grad=True)
+    f = lambda x, w: modules.conv2d(x, w, padding=1, transpose=transpose)  # noqa: E731
+    g = torch.randn(n, cout, h, w)
+    monkeypatch.setitem(modules.WINOGRAD, "enabled", False)
+    direct = conv_derivatives(f, x, weight, g)
+    monkeypatch.setitem(modules.WINOGRAD, "enabled", True)
+    spies = {name: Spy(getattr(modules, name)) for name in ("winograd_conv", "winograd_conv_grads")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(modules, name, spy)
+    winograd = conv_derivatives(f, x, weight, g)
+    assert spies["winograd_conv"].calls >= 3 and spies["winograd_conv_grads"].calls >= 2  # nothing fell back
+    for a, b in zip(direct, winograd):
+        assert (a - b).abs().max() < 1e-5 * a.abs().max()  # float32 rounding, not an approximation
+    assert (winograd[0] - direct[0]).abs().max() > 0  # and truly another algorithm
+
+
+@pytest.mark.parametrize("shape,k,stride,dtype", [
+    ((2, 4, 8, 8), 1, 1, torch.float32),  # 1x1
+    ((2, 4, 8, 8), 3, 2, torch.float32),  # strided
+    ((2, 4, 7, 8), 3, 1, torch.float32),  # odd height: 2x2 output tiles do not fit
+    ((2, 4, 8, 8), 3, 1, torch.float64),
+])
+def test_winograd_leaves_other_convolutions_to_pytorch(monkeypatch, shape, k, stride, dtype):
+    monkeypatch.setitem(modules.WINOGRAD, "enabled", True)
+    spy = Spy(modules.winograd_conv)
+    monkeypatch.setattr(modules, "winograd_conv", spy)
+    x, w = torch.randn(*shape, dtype=dtype), torch.randn(6, 4, k, k, dtype=dtype)
+    y = modules.conv2d(x, w, stride=stride, padding=k // 2)
+    assert spy.calls == 0 and torch.equal(y, torch.nn.functional.conv2d(x, w, stride=stride, padding=k // 2))
+
+
+def test_winograd_setting():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    try:
+        for setting, device, enabled in [("auto", cpu, True), ("auto", cuda, False), ("on", cuda, True),
+                                         ("off", cpu, False)]:
+            modules.use_winograd(setting, device)
+            assert modules.WINOGRAD["enabled"] is enabled, (setting, device)
+    finally:
+        modules.use_winograd("off", cpu)
+
+
 def test_conv2d_under_autocast_computes_in_bf16_and_returns_float32_gradients():
     x, w = torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(6, 4, 3, 3, requires_grad=True)
     with torch.autocast("cpu", torch.bfloat16):
