@@ -31,6 +31,7 @@ from modules import use_winograd
 from utils import (
     UserError,
     checkpoint_settings,
+    keep_freed_memory,
     load_checkpoint,
     parse_settings,
     quantize_uint8,
@@ -638,6 +639,7 @@ def evaluate(cfg):
     """Every figure for one checkpoint, as a flat dict (the JSON written by main)."""
     device = resolve_device(cfg.device)
     use_winograd("auto", device)
+    keep_freed_memory()
     state, path = load_checkpoint(cfg.checkpoint)
     run = checkpoint_settings(state, cfg.data_root)
     G, D = load_generator(state, device), load_discriminator(state, device)

@@ -36,6 +36,7 @@ from utils import (
     UserError,
     checkpoint_growth_level,
     checkpoint_settings,
+    keep_freed_memory,
     load_checkpoint,
     parse_settings,
     plot_losses,
@@ -567,6 +568,7 @@ def main(argv=None):
         cfg = resolve_settings(given, "GEN_")
         device = resolve_device(cfg.device)
         use_winograd("auto", device)
+        keep_freed_memory()
         state, path = load_checkpoint(cfg.checkpoint)
         G = load_generator(state, device)
         if cfg.label and cfg.mode not in ("samples", "mixing", "interpolate", "truncation", "project"):

@@ -43,6 +43,7 @@ from utils import (
     gradient_penalty,
     growth_level,
     init_distributed,
+    keep_freed_memory,
     list_checkpoints,
     load_checkpoint,
     lr_factor,
@@ -444,6 +445,7 @@ def setup_device(cfg):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     use_winograd(cfg.winograd, device)
+    keep_freed_memory()
     return rank, world_size, device
 
 

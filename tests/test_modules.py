@@ -80,7 +80,9 @@ class Spy:
 ])
 def test_winograd_matches_direct_convolution_to_the_second_derivative(monkeypatch, cin, cout, n, h, w, chunk,
                                                                       transpose):
-    monkeypatch.setattr(modules, "WINOGRAD_CHUNK", chunk)
+    monkeypatch.setitem(modules.WINOGRAD, "chunk", chunk)
+    monkeypatch.setitem(modules.WINOGRAD, "min_channels", 1)  # small layers, to keep the test fast
+    monkeypatch.setitem(modules.WINOGRAD, "min_size", 2)
     torch.manual_seed(0)
     x = torch.randn(n, cin, h, w, requires_grad=True)
     weight = torch.randn(*((cin, cout) if transpose else (cout, cin)), 3, 3, requires_grad=True)
@@ -99,19 +101,29 @@ def test_winograd_matches_direct_convolution_to_the_second_derivative(monkeypatc
     assert (winograd[0] - direct[0]).abs().max() > 0  # and truly another algorithm
 
 
-@pytest.mark.parametrize("shape,k,stride,dtype", [
-    ((2, 4, 8, 8), 1, 1, torch.float32),  # 1x1
-    ((2, 4, 8, 8), 3, 2, torch.float32),  # strided
-    ((2, 4, 7, 8), 3, 1, torch.float32),  # odd height: 2x2 output tiles do not fit
-    ((2, 4, 8, 8), 3, 1, torch.float64),
+@pytest.mark.parametrize("shape,cout,k,stride,dtype", [
+    ((2, 4, 8, 8), 6, 1, 1, torch.float32),  # 1x1
+    ((2, 4, 8, 8), 6, 3, 2, torch.float32),  # strided
+    ((2, 4, 7, 8), 6, 3, 1, torch.float32),  # odd height: 2x2 output tiles do not fit
+    ((2, 4, 8, 8), 6, 3, 1, torch.float64),
+    ((1, 128, 8, 8), 128, 3, 1, torch.float32),  # under min_size: slower than the direct convolution
+    ((1, 64, 16, 16), 128, 3, 1, torch.float32),  # under min_channels: likewise
 ])
-def test_winograd_leaves_other_convolutions_to_pytorch(monkeypatch, shape, k, stride, dtype):
+def test_winograd_leaves_other_convolutions_to_pytorch(monkeypatch, shape, cout, k, stride, dtype):
     monkeypatch.setitem(modules.WINOGRAD, "enabled", True)
+    if shape[1] == 4:
+        monkeypatch.setitem(modules.WINOGRAD, "min_channels", 1)
+        monkeypatch.setitem(modules.WINOGRAD, "min_size", 2)
     spy = Spy(modules.winograd_conv)
     monkeypatch.setattr(modules, "winograd_conv", spy)
-    x, w = torch.randn(*shape, dtype=dtype), torch.randn(6, 4, k, k, dtype=dtype)
+    x, w = torch.randn(*shape, dtype=dtype), torch.randn(cout, shape[1], k, k, dtype=dtype)
     y = modules.conv2d(x, w, stride=stride, padding=k // 2)
     assert spy.calls == 0 and torch.equal(y, torch.nn.functional.conv2d(x, w, stride=stride, padding=k // 2))
+    if shape[1] >= 64:  # the same layer above the thresholds does use it
+        monkeypatch.setitem(modules.WINOGRAD, "min_channels", 64)
+        monkeypatch.setitem(modules.WINOGRAD, "min_size", 8)
+        modules.conv2d(x, w, stride=stride, padding=k // 2)
+        assert spy.calls == 1
 
 
 def test_winograd_setting():
