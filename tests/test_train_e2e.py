@@ -16,6 +16,7 @@ from conftest import assert_user_error, smoke
 from PIL import Image
 
 import generate_images
+import modules
 import train
 import utils
 
@@ -183,6 +184,26 @@ def test_compile_falls_back_to_eager_with_one_warning(data, tmp_path, monkeypatc
                         "training runs eagerly"]
     state, _ = utils.load_checkpoint(tmp_path / "Models")
     assert state["step"] == 2 and state["config"]["compile"] is True
+
+
+def test_winograd_training_follows_the_direct_convolution(data, tmp_path, monkeypatch):
+    """The smoke model's layers are under Winograd's thresholds; lowered, every stride-1 3x3 convolution of
+    the step (penalties' double backward included) runs it, and the losses follow the direct convolution's."""
+    monkeypatch.setitem(modules.WINOGRAD, "min_channels", 1)
+    monkeypatch.setitem(modules.WINOGRAD, "min_size", 2)
+    calls = []
+    monkeypatch.setattr(modules, "winograd_conv", lambda *a, f=modules.winograd_conv: calls.append(1) or f(*a))
+    history = {}
+    for setting in ("on", "off"):
+        out = tmp_path / setting
+        assert train.main(smoke(data, out, "--max-steps", "5", "--eval-every", "0", "--winograd", setting)) == 0
+        history[setting] = utils.load_checkpoint(out / "Models")[0]["history"]
+        if setting == "on":
+            assert len(calls) > 50
+    for key in ("loss_critic", "loss_gen"):
+        on, off = history["on"][key], history["off"][key]
+        assert torch.allclose(on[0], off[0], rtol=1e-5, atol=1e-6), key  # before any update: float32 rounding
+        assert torch.allclose(on, off, rtol=0, atol=5e-3), key  # then Adam's steps amplify it, a little
 
 
 def test_amp_is_a_cuda_setting():
