@@ -1,6 +1,7 @@
 """Unit tests of utils.py: losses and penalties against hand-computed values, EMA, learning-rate
 schedules, checkpoints (round trip, atomic write, pruning, safe loading), grids and plots."""
 import math
+import resource
 import warnings
 from types import SimpleNamespace
 
@@ -402,3 +403,12 @@ def test_plot_losses_writes_png(tmp_path):
         warnings.simplefilter("ignore")
         utils.plot_losses({}, tmp_path / "empty.png")  # a run with no history yet still plots
     assert (tmp_path / "empty.png").stat().st_size > 0
+
+
+def test_keep_freed_memory_reuses_a_large_freed_block_without_paging_it_in_again():
+    if not utils.keep_freed_memory():
+        pytest.skip("not glibc's malloc")
+    torch.empty(2**24).fill_(1)  # 64 MB, freed at once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(2**24 - 2**20).fill_(1)  # 60 MB fit into it
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 1000  # a fresh block: 15,360 pages
