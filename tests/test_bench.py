@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from conftest import assert_user_error
 
 import bench
+import modules
 
 
 def test_flop_count_of_a_convolution_forward_and_backward():
@@ -46,12 +47,18 @@ def test_bench_json_report(capsys):
     assert 0.05 < r["gflop_per_img"] < 1.0
 
 
-def test_bench_counts_model_flops_whichever_convolution_algorithm_runs(capsys):
+def test_bench_counts_model_flops_whichever_convolution_algorithm_runs(capsys, monkeypatch):
+    monkeypatch.setitem(modules.WINOGRAD, "min_channels", 1)  # the smoke model's layers use it too
+    monkeypatch.setitem(modules.WINOGRAD, "min_size", 2)
+    calls = []
+    monkeypatch.setattr(modules, "winograd_conv", lambda *a, f=modules.winograd_conv: calls.append(1) or f(*a))
     results = {}
     for setting in ("on", "off"):
-        assert bench.main(["--preset", "smoke", "--batch-size", "8", "--iters", "4", "--warmup", "0", "--json",
+        assert bench.main(["--preset", "smoke", "--batch-size", "4", "--iters", "4", "--warmup", "0", "--json",
                            "--device", "cpu", "--winograd", setting]) == 0
         results[setting] = json.loads(capsys.readouterr().out)
+        assert (len(calls) > 0) == (setting == "on")  # the timed iterations and generation ran it
+        calls.clear()
     assert results["on"]["winograd"] and not results["off"]["winograd"]
     assert results["on"]["gflop_per_img"] == results["off"]["gflop_per_img"]
 
