@@ -27,17 +27,16 @@ from tqdm import tqdm
 
 from dataset import load_slices, to_model_range
 from generate_images import generate, load_discriminator, load_generator
-from modules import use_winograd
 from utils import (
     UserError,
     checkpoint_settings,
-    keep_freed_memory,
     load_checkpoint,
     parse_settings,
     quantize_uint8,
     resolve_device,
     resolve_settings,
     save_json,
+    use_fast_kernels,
 )
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -448,8 +447,8 @@ class Evaluator:
     def __init__(self, images, labels, n, seed, inception=None, batch=64, heldout=None):
         pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
         self.n, self.labels, self.seed, self.batch, self.inception = len(pick), labels[pick], seed, batch, inception
-        real = to_model_range(images[pick])  # uint8 -> [-1, 1]
         self.real_uint8, self.heldout = images[pick], None  # kept as uint8: a quarter of the memory
+        real = to_model_range(self.real_uint8)  # uint8 -> [-1, 1]
         if heldout is not None:
             keep = torch.randperm(len(heldout.images), generator=torch.Generator().manual_seed(seed))[:n]
             self.heldout = (heldout.images[keep], heldout.labels[keep])
@@ -638,8 +637,7 @@ def cas_data(cfg, run, G, train, device):
 def evaluate(cfg):
     """Every figure for one checkpoint, as a flat dict (the JSON written by main)."""
     device = resolve_device(cfg.device)
-    use_winograd("auto", device)
-    keep_freed_memory()
+    use_fast_kernels(device)
     state, path = load_checkpoint(cfg.checkpoint)
     run = checkpoint_settings(state, cfg.data_root)
     G, D = load_generator(state, device), load_discriminator(state, device)

@@ -31,12 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from dataset import load_image, load_slices, to_model_range
-from modules import Discriminator, Generator, NoiseInjection, use_winograd
+from modules import Discriminator, Generator, NoiseInjection
 from utils import (
     UserError,
     checkpoint_growth_level,
     checkpoint_settings,
-    keep_freed_memory,
     load_checkpoint,
     parse_settings,
     plot_losses,
@@ -51,6 +50,7 @@ from utils import (
     save_image,
     save_json,
     save_labelled_grid,
+    use_fast_kernels,
 )
 
 CLASS_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")
@@ -567,8 +567,7 @@ def main(argv=None):
         given, _ = parse_settings(argv, "GEN_", __doc__)
         cfg = resolve_settings(given, "GEN_")
         device = resolve_device(cfg.device)
-        use_winograd("auto", device)
-        keep_freed_memory()
+        use_fast_kernels(device)
         state, path = load_checkpoint(cfg.checkpoint)
         G = load_generator(state, device)
         if cfg.label and cfg.mode not in ("samples", "mixing", "interpolate", "truncation", "project"):

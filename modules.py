@@ -40,7 +40,7 @@ def conv2d(x, weight, stride=1, padding=0, groups=1, transpose=False, output_pad
     if torch.is_autocast_enabled(device):  # cast here: the backward runs outside autocast
         dtype = torch.get_autocast_dtype(device)
         x, weight = x.to(dtype), weight.to(dtype)
-    if WINOGRAD["enabled"] and transpose and (stride, padding, groups, weight.shape[-1]) == (1, 1, 1, 3):
+    if transpose and (stride, padding, groups) == (1, 1, 1) and _winograd_fits(x, weight.transpose(0, 1)):
         return conv2d(x, weight.transpose(0, 1).flip([2, 3]), padding=1)  # the same as a 3x3 conv
     return _Conv.apply(x, weight, (stride, padding, groups, transpose, output_padding))
 
@@ -125,7 +125,7 @@ def use_winograd(setting, device):
     WINOGRAD["enabled"] = setting == "on" or (setting == "auto" and device.type == "cpu")
 
 
-def _winograd_fits(x, weight, spec):
+def _winograd_fits(x, weight, spec=(1, 1, 1, False, 0)):
     h, w = x.shape[-2:]
     return (WINOGRAD["enabled"] and spec == (1, 1, 1, False, 0) and weight.shape[-2:] == (3, 3)
             and x.dtype == torch.float32 and h % 2 == 0 and w % 2 == 0 and min(h, w) >= WINOGRAD["min_size"]
@@ -224,11 +224,15 @@ def _padded_chunks(x, fill=True):
         yield i, xp[:b]
 
 
+def _transformed_weight(weight):  # (Co, Ci, 3, 3) -> (16, Ci, Co): G g G^T
+    g = weight.new_tensor(_G)
+    return torch.einsum("ka,lb,oiab->klio", g, g, weight).reshape(16, weight.shape[1], weight.shape[0])
+
+
 def winograd_conv(x, weight):  # (N, Ci, H, W), (Co, Ci, 3, 3) -> (N, Co, H, W), padding 1, channels-last strides
     """conv2d(x, weight, padding=1) by Winograd's F(2x2, 3x3), a batch chunk at a time."""
     n, _, h, w = x.shape
-    g = x.new_tensor(_G)
-    wt = torch.einsum("ka,lb,oiab->klio", g, g, weight).reshape(16, weight.shape[1], weight.shape[0])
+    wt = _transformed_weight(weight)
     y = x.new_empty(n, h, w, weight.shape[0])
     for i, xp in _padded_chunks(x):
         _output_tiles(torch.bmm(_input_tiles(xp), wt), y[i:i + len(xp)])
@@ -244,7 +248,7 @@ def winograd_conv_grads(grad, x, weight, need_x, need_w):  # (N, Co, H, W), (N, 
     grad_x = x.new_empty(n, h, w, ci) if need_x else None
     gwt = x.new_zeros(16, ci, grad.shape[-1]) if need_w else None
     if need_x:
-        wt = torch.einsum("ka,lb,oiab->kloi", g, g, weight).reshape(16, weight.shape[0], ci)
+        wt = _transformed_weight(weight).transpose(1, 2)  # (16, Co, Ci)
     for i, xp in _padded_chunks(x, need_w):
         b = len(xp)
         grad_m = _output_tiles_adjoint(grad[i:i + b].contiguous())  # (16, P, Co)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 import constants
 from dataset import EpochSampler, load_slices, random_flips, random_rotation_and_jitter, to_model_range
 from evaluate import Evaluator, best_metric, heldout_slices, load_inception
-from modules import AugmentPipe, Discriminator, Generator, at_growth_level, use_winograd
+from modules import AugmentPipe, Discriminator, Generator, at_growth_level
 from utils import (
     UserError,
     ada_update,
@@ -43,7 +43,6 @@ from utils import (
     gradient_penalty,
     growth_level,
     init_distributed,
-    keep_freed_memory,
     list_checkpoints,
     load_checkpoint,
     lr_factor,
@@ -59,6 +58,7 @@ from utils import (
     save_grid,
     save_json,
     seed_everything,
+    use_fast_kernels,
 )
 
 # Settings that define the network's shape: a resumed run must keep them.
@@ -444,8 +444,7 @@ def setup_device(cfg):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    use_winograd(cfg.winograd, device)
-    keep_freed_memory()
+    use_fast_kernels(device, cfg.winograd)
     return rank, world_size, device
 
 

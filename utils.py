@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import constants
+from modules import use_winograd
 
 CHECKPOINT_GLOB = "checkpoint_*.pt"
 SCRIPT_PREFIXES = ("GEN_", "EVALUATE_")  # settings of generate_images.py and evaluate.py; the rest are train.py's
@@ -185,6 +186,13 @@ def keep_freed_memory():
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers in malloc.h
     return bool(libc.mallopt(m_mmap_threshold, 2**30) and libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def use_fast_kernels(device, winograd="auto"):
+    """The process-wide speed settings each script makes once it knows its device: Winograd's
+    convolution where it is faster (--winograd) and malloc keeping freed memory."""
+    use_winograd(winograd, device)
+    keep_freed_memory()
 
 
 def seed_everything(seed):
