@@ -105,6 +105,7 @@ GEN_PSIS = "1,0.7,0.5,0"  # truncation: the psi of each row
 GEN_TSNE_N = 300  # tsne: generated w per class
 GEN_DATA_ROOT = ""  # tsne: real slices (ADNI layout) to project into W and plot with the generated w
 GEN_TSNE_REAL = 40  # tsne: real slices projected per class (with --data-root)
+GEN_SKIP_BAD_IMAGES = False  # tsne: skip and count unreadable real slices in --data-root instead of stopping
 GEN_TARGET = ""  # project: the real slice (PNG, JPEG, ...) to reconstruct
 GEN_PROJECT_SPACE = "w"  # project: w (one w for all layers) | w+ (one w per layer: closer fit, less regular)
 GEN_PROJECT_STEPS = 300  # project (and tsne with --data-root): optimisation steps
@@ -115,6 +116,7 @@ GEN_PROJECT_NOISE_REG = 1e5  # project: weight of the noise-map regulariser (Sty
 # --- evaluation (flags of evaluate.py, without the EVALUATE_ prefix) -------------------
 EVALUATE_CHECKPOINT = "Models"  # checkpoint file, or a folder whose newest checkpoint is used
 EVALUATE_DATA_ROOT = ""  # real slices to compare with (empty: the checkpoint's DATA_ROOT)
+EVALUATE_SKIP_BAD_IMAGES = False  # skip and count unreadable real slices instead of stopping
 EVALUATE_N = 1000  # generated and real images compared (at most the number of real images)
 EVALUATE_INCEPTION_WEIGHTS = INCEPTION_WEIGHTS  # pt_inception-2015-12-05-6726825d.pth for FID/KID (empty: skipped)
 EVALUATE_CAS = False  # also train ResNet-18 classifiers on real, generated, and both; test on DATA_ROOT/test
@@ -156,11 +158,11 @@ RANGES = {  # inclusive (low, high); None: unbounded
     "PL_INTERVAL": (1, None), "PL_DECAY": (0, 1), "PL_BATCH_SHRINK": (1, None),
     "EMA_KIMG": (0, None), "EMA_RAMPUP": (0, None), "SEED": (0, 2**63 - 1),
     "SAMPLE_EVERY": (1, None), "SAMPLE_COUNT": (1, 256), "CHECKPOINT_EVERY": (1, None),
-    "KEEP_CHECKPOINTS": (0, None), "GEN_N": (1, None), "GEN_TRUNCATION": (0, None),
+    "KEEP_CHECKPOINTS": (0, None), "GEN_N": (1, None), "GEN_TRUNCATION": (0, 10),
     "GEN_BATCH": (1, None), "GEN_FRAMES": (2, 1000), "GEN_TSNE_N": (10, None), "GEN_TSNE_REAL": (2, None),
     "GEN_PROJECT_STEPS": (1, None), "GEN_PROJECT_LR": (0, None), "GEN_PROJECT_FEATURES": (0, None),
     "GEN_PROJECT_NOISE_REG": (0, None), "EVAL_EVERY": (0, None), "EVAL_N": (8, None), "EVALUATE_N": (8, None),
-    "EVALUATE_CAS_EPOCHS": (1, None), "EVALUATE_TRUNCATION": (0, None), "EVALUATE_SEED": (0, 2**63 - 1),
+    "EVALUATE_CAS_EPOCHS": (1, None), "EVALUATE_TRUNCATION": (0, 10), "EVALUATE_SEED": (0, 2**63 - 1),
     "EVALUATE_BATCH": (1, None), "ROTATE": (0, 180), "JITTER": (0, 1),
     "AUGMENT_P": (0, 1), "ADA_TARGET": (0, 1), "ADA_INTERVAL": (1, None), "ADA_KIMG": (1e-6, None),
     "PROGRESSIVE_KIMG": (1e-6, None),

@@ -28,6 +28,7 @@ from modules import rotation
 from utils import UserError, check_slice_range, flag_of
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+SPLIT_NAMES = ("train", "test")  # a folder holding either is in the ADNI layout: its splits must be named
 VOLUME_SUFFIXES = (".nii", ".nii.gz")  # NIfTI volumes; ".nii.gz" is two suffixes, so match the name's end
 
 
@@ -47,7 +48,16 @@ def images_in(folder, recursive):
 
 
 def subfolders(folder):
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The sub-folders of `folder`, less hidden ones and links back to it or a folder above it (`ln -s . x`)."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and not loops_back(p))
+
+
+def loops_back(path):
+    """A symbolic link to a folder that contains it (reading through it would go round in a circle)."""
+    if not path.is_symlink():
+        return False
+    target, here = path.resolve(), path.parent.resolve()
+    return target == here or target in here.parents
 
 
 def find_images(root, splits=("train",)):
@@ -56,11 +66,14 @@ def find_images(root, splits=("train",)):
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data folder not found: {root} (set {flag_of('DATA_ROOT')} or DATA_ROOT in constants.py, "
-                        f"or train on the built-in demo data with --preset demo)")
+                        f"or try the built-in demo data: python train.py --preset demo)")
+    if not splits:
+        raise UserError(f"train.py's {flag_of('DATA_SPLITS')} names no split folder; give at least one, such as train")
     split_dirs = [root / s for s in splits if (root / s).is_dir()]
     missing = [root / s for s in splits if not (root / s).is_dir()]
-    if split_dirs and missing:
-        raise UserError(f"split folder not found: {missing[0]} (set {flag_of('DATA_SPLITS')})")
+    if missing and (split_dirs or any((root / s).is_dir() for s in SPLIT_NAMES)):
+        raise UserError(f"split folder not found: {missing[0]} (train.py's {flag_of('DATA_SPLITS')} names the "
+                        f"split folders of {flag_of('DATA_ROOT')})")
     tops = split_dirs or [root]
     layouts = [_scan(top) for top in tops]
     class_names = sorted({name for names, _ in layouts for name in names})
@@ -227,9 +240,12 @@ def load_dataset(root, splits, resolution, mode="L", resize_mode="pad", skip_bad
         except Exception as e:  # noqa: BLE001 - PIL and nibabel raise many types for bad files
             return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
 
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    pool = ThreadPoolExecutor(max_workers=threads)
+    try:
         results = list(tqdm(pool.map(decode, files), total=len(files), desc="loading images",
                             disable=not progress, leave=False, file=sys.stdout))
+    finally:  # on Ctrl-C or SIGTERM, drop the images not yet started
+        pool.shutdown(wait=True, cancel_futures=True)
     keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
     bad = [i for i, r in enumerate(results) if isinstance(r, str)]
     if bad and not skip_bad:
@@ -240,7 +256,8 @@ def load_dataset(root, splits, resolution, mode="L", resize_mode="pad", skip_bad
         raise UserError(f"no readable images in {root}")
     if not any(len(results[i]) for i in keep):
         lo, hi = slice_range
-        raise UserError(f"the volumes in {root} have no brain within {flag_of('SLICE_RANGE')} {lo:g},{hi:g}")
+        raise UserError(f"the volumes in {root} have no brain within the slice range {lo:g},{hi:g} "
+                        f"(train.py's {flag_of('SLICE_RANGE')})")
     images = torch.from_numpy(np.concatenate([results[i] for i in keep]))
     slice_labels = torch.tensor(np.repeat([labels[i] for i in keep], [len(results[i]) for i in keep]),
                                 dtype=torch.long)

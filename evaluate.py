@@ -28,6 +28,7 @@ from tqdm import tqdm
 from dataset import load_slices, to_model_range
 from generate_images import generate, load_discriminator, load_generator
 from utils import (
+    CHECKPOINT_KEYS,
     UserError,
     checkpoint_settings,
     load_checkpoint,
@@ -37,6 +38,7 @@ from utils import (
     resolve_settings,
     save_json,
     use_fast_kernels,
+    writable_file,
 )
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -506,7 +508,7 @@ def best_metric(name, inception):
     if name == "auto":
         return "fid" if inception is not None else "swd"
     if name in ("fid", "kid") and inception is None:
-        raise UserError(f"--eval-metric {name} needs Inception weights (--inception-weights PATH)")
+        raise UserError(f"train.py's --eval-metric {name} needs Inception weights (--inception-weights PATH)")
     return name
 
 
@@ -622,7 +624,7 @@ def markdown_table(results):
 def cas_data(cfg, run, G, train, device):
     """(train, test, generated) image/label pairs for the classification accuracy score."""
     if not G.num_classes:
-        raise UserError("--cas needs a conditional checkpoint (train with --conditional)")
+        raise UserError("--cas needs a conditional checkpoint (train one with python train.py --conditional)")
     test_dir = Path(run.data_root) / "test"
     if not test_dir.is_dir():
         raise UserError(f"--cas tests on real held-out slices: {test_dir} not found (DATA_ROOT/test/<class>/)")
@@ -638,8 +640,8 @@ def evaluate(cfg):
     """Every figure for one checkpoint, as a flat dict (the JSON written by main)."""
     device = resolve_device(cfg.device)
     use_fast_kernels(device)
-    state, path = load_checkpoint(cfg.checkpoint)
-    run = checkpoint_settings(state, cfg.data_root)
+    state, path = load_checkpoint(cfg.checkpoint, CHECKPOINT_KEYS + ("D",))
+    run = checkpoint_settings(state, cfg.data_root, cfg.skip_bad_images)
     G, D = load_generator(state, device), load_discriminator(state, device)
     data = load_slices(run)
     cas = cas_data(cfg, run, G, data, device) if cfg.cas else None
@@ -658,6 +660,8 @@ def main(argv=None):
     try:
         given, _ = parse_settings(argv, "EVALUATE_", __doc__)
         cfg = resolve_settings(given, "EVALUATE_")
+        writable_file(cfg.out, "--out")
+        writable_file(Path(cfg.out).with_suffix(".md"), "--out")
         results = evaluate(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -30,9 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from constants import RANGES
 from dataset import load_image, load_slices, to_model_range
 from modules import Discriminator, Generator, NoiseInjection
 from utils import (
+    CHECKPOINT_KEYS,
+    INT64_MAX,
     UserError,
     checkpoint_growth_level,
     checkpoint_settings,
@@ -51,23 +54,25 @@ from utils import (
     save_json,
     save_labelled_grid,
     use_fast_kernels,
+    writable_folder,
 )
 
+NEED_D = ("project", "tsne")  # modes that use the checkpoint's discriminator (tsne: with --data-root)
 CLASS_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")
 
 
 # ---------------------------------------------------------------------------------------
 # Checkpoint, seeds, labels, latents
 # ---------------------------------------------------------------------------------------
-def parse_numbers(text, kind, flag):
-    """Comma-separated non-negative numbers of type `kind` (int or float)."""
+def parse_numbers(text, kind, flag, high=INT64_MAX):
+    """Comma-separated finite numbers of type `kind` (int or float) from 0 to `high`."""
     noun = "integers" if kind is int else "numbers"
     try:
         values = [kind(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"{flag} takes comma-separated {noun}, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise UserError(f"{flag} takes non-negative {noun}, got {text!r}")
+    if not values or not all(0 <= v <= high for v in values):  # NaN fails every comparison
+        raise UserError(f"{flag} takes {noun} from 0 to {high:g}, got {text!r}")
     return values
 
 
@@ -76,20 +81,29 @@ def parse_seeds(text, default=(), flag="--seeds"):
     return parse_numbers(text, int, flag) if text else list(default)
 
 
+def load_network(cls, state, name, args):
+    """Network `name` (G_ema or D) of a checkpoint, in eval mode; a UserError if it does not fit the
+    checkpoint's model_args."""
+    try:
+        net = cls(**args)
+        net.load_state_dict(state[name])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"the checkpoint's {name} does not fit its model_args ({reason})") from None
+    return net.eval().requires_grad_(False)
+
+
 def load_generator(state, device):
     """The EMA generator of a checkpoint, in eval mode (at its growth level if --progressive was
     still fading in resolutions)."""
-    G = Generator(**state["model_args"]["G"])
-    G.load_state_dict(state["G_ema"])
+    G = load_network(Generator, state, "G_ema", state["model_args"]["G"])
     G.synthesis.level = checkpoint_growth_level(state)
-    return G.to(device).eval().requires_grad_(False)
+    return G.to(device)
 
 
 def load_discriminator(state, device):
     """The discriminator of a checkpoint, in eval mode (its features are the projector's perceptual space)."""
-    D = Discriminator(**state["model_args"]["D"])
-    D.load_state_dict(state["D"])
-    return D.to(device).eval().requires_grad_(False)
+    return load_network(Discriminator, state, "D", state["model_args"]["D"]).to(device)
 
 
 def seed_latents(seeds, z_dim):
@@ -101,7 +115,8 @@ def class_index(state, label):
     """The index of class `label` (a name), with a clear error for unconditional checkpoints and unknown names."""
     names = state["class_names"]
     if not state["model_args"]["G"]["num_classes"]:
-        raise UserError(f"--label {label}: this checkpoint is unconditional (train with --conditional)")
+        raise UserError(f"--label {label}: this checkpoint is unconditional "
+                        "(train one with python train.py --conditional)")
     if label not in names:
         raise UserError(f"--label must be one of {', '.join(names)}, got {label!r}")
     return names.index(label)
@@ -118,7 +133,7 @@ def labels_for(state, label, count):
 
 def require_classes(G, what):
     if not G.num_classes:
-        raise UserError(f"{what} needs a conditional checkpoint (train with --conditional)")
+        raise UserError(f"{what} needs a conditional checkpoint (train one with python train.py --conditional)")
 
 
 @torch.no_grad()
@@ -163,7 +178,7 @@ def run_samples(cfg, state, G, device, out):
 
 def truncation_grid(cfg, state, G, device, seeds):
     """Images (rows, seeds, C, R, R) for each class (or --label) at each psi, and the row labels."""
-    psis = parse_numbers(cfg.psis, float, "--psis")
+    psis = parse_numbers(cfg.psis, float, "--psis", RANGES["GEN_TRUNCATION"][1])
     classes = [cfg.label] if cfg.label else (state["class_names"] if G.num_classes else [""])
     z = seed_latents(seeds, G.z_dim)
     images, rows = [], []
@@ -483,7 +498,7 @@ def separability(w, classes, seed=0):
 
 def projected_reals(cfg, state, G, device):
     """w of --tsne-real real slices per class from --data-root, projected into W -> (w (M, w_dim), classes (M,))."""
-    data = load_slices(checkpoint_settings(state, cfg.data_root))
+    data = load_slices(checkpoint_settings(state, cfg.data_root, cfg.skip_bad_images))
     names = data.class_names or [""]
     if G.num_classes and data.class_names != state["class_names"]:
         raise UserError(f"--data-root classes {data.class_names} differ from the model's {state['class_names']}")
@@ -568,16 +583,20 @@ def main(argv=None):
         cfg = resolve_settings(given, "GEN_")
         device = resolve_device(cfg.device)
         use_fast_kernels(device)
-        state, path = load_checkpoint(cfg.checkpoint)
+        out = writable_folder(cfg.out_dir, "--out-dir")
+        state, path = load_checkpoint(cfg.checkpoint, CHECKPOINT_KEYS + (("D",) if cfg.mode in NEED_D else ()))
         G = load_generator(state, device)
         if cfg.label and cfg.mode not in ("samples", "mixing", "interpolate", "truncation", "project"):
             raise UserError(f"--label is not used by --mode {cfg.mode}")
         if cfg.label:
             class_index(state, cfg.label)
-        summary = MODES[cfg.mode](cfg, state, G, device, Path(cfg.out_dir))
+        summary = MODES[cfg.mode](cfg, state, G, device, out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # writing an image: disk full, no permission
+        print(f"error: cannot write {e.filename or 'an output file'}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(f"{summary}; from {path} (step {state['step']}) -> {cfg.out_dir}")
     return 0
 

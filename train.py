@@ -10,9 +10,11 @@ import contextlib
 import copy
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,12 +26,18 @@ from dataset import EpochSampler, load_slices, random_flips, random_rotation_and
 from evaluate import Evaluator, best_metric, heldout_slices, load_inception
 from modules import AugmentPipe, Discriminator, Generator, at_growth_level
 from utils import (
+    BEST_CHECKPOINT,
+    CHECKPOINT_KEYS,
+    SUPERSEDED,
+    RunLock,
     UserError,
     ada_update,
     all_reduce_mean,
     any_process,
+    check_settings,
     checkpoint_path,
     checkpoint_settings,
+    checkpoint_step,
     close_distributed,
     config_dict,
     d_logistic_loss,
@@ -50,7 +58,10 @@ from utils import (
     path_length_penalty,
     plot_losses,
     plot_metrics,
+    process_rank,
+    prune_checkpoints,
     r1_penalty,
+    read_checkpoint,
     resolve_device,
     resolve_settings,
     same_on_every_process,
@@ -59,15 +70,23 @@ from utils import (
     save_json,
     seed_everything,
     use_fast_kernels,
+    writable_folder,
 )
 
 # Settings that define the network's shape: a resumed run must keep them.
 ARCHITECTURE = ("RESOLUTION", "IMAGE_MODE", "Z_DIM", "W_DIM", "MAPPING_LAYERS", "MAPPING_LR_MULT",
                 "CHANNEL_BASE", "CHANNEL_MAX", "CONDITIONAL", "MBSTD_GROUP", "SPECTRAL_NORM", "ATTENTION_RES")
+TRAINING_KEYS = CHECKPOINT_KEYS + ("G", "D", "opt_G", "opt_D", "epoch", "epoch_nimg", "pl_mean", "rng")  # to resume
 HISTORY_KEYS = ("loss_gen", "loss_critic", "gp", "plp", "real_score", "fake_score", "real_sign", "aug_p")
+RUN_OUTPUTS = ("epoch_*.png", "step_*.png", "reals.png", "losses.png", "metrics.json", "metrics.png", "config.json")
 EXTRA_FLAGS = [
     (("--preset",), dict(choices=sorted(constants.PRESETS), help="named set of settings from constants.PRESETS")),
-    (("--resume",), dict(action="store_true", help="continue from the newest checkpoint in OUT_DIR/Models")),
+    (("--resume",), dict(nargs="?", const=True, metavar="PATH",
+                         help="continue from the newest readable checkpoint in OUT_DIR/Models, or from checkpoint "
+                              "file PATH (the run's newer checkpoints move to Models/superseded/)")),
+    (("--overwrite",), dict(action="store_true",
+                            help="start a fresh run in an OUT_DIR that holds another run's checkpoints: delete "
+                                 "them and its sample grids first")),
 ]
 
 
@@ -75,22 +94,46 @@ class Diverged(Exception):
     """A loss or gradient became NaN or infinite."""
 
 
+class Terminated(BaseException):
+    """SIGTERM before training started (a BaseException, like KeyboardInterrupt: nothing catches it)."""
+
+
 # ---------------------------------------------------------------------------------------
-# Settings
+# Settings and the run's folder
 # ---------------------------------------------------------------------------------------
-def parse_args(argv=None):
-    """-> (config, checkpoint state or None). On --resume the checkpoint's settings are the base."""
-    given, opts = parse_settings(argv, "", __doc__, EXTRA_FLAGS)
-    preset = getattr(opts, "preset", None)
-    if not getattr(opts, "resume", False):
+def run_folder(given, opts):
+    """OUT_DIR: --out-dir, the preset's, or for --resume PATH the folder whose Models/ holds PATH."""
+    preset_dir = constants.PRESETS.get(getattr(opts, "preset", None), {}).get("OUT_DIR")
+    resume = getattr(opts, "resume", None)
+    if "OUT_DIR" in given or preset_dir:
+        return Path(given.get("OUT_DIR", preset_dir))
+    if isinstance(resume, str) and Path(resume).parent.name == "Models":
+        return Path(resume).parent.parent
+    return Path(constants.OUT_DIR)
+
+
+def settings(given, opts, out, main_process=True):
+    """-> (config, checkpoint state or None). A fresh run needs an OUT_DIR whose Models/ holds no
+    other run's checkpoints (or --overwrite, which deletes them); --resume takes the checkpoint's
+    settings as the base. The main process tidies Models/ (it holds the run's lock): unfinished
+    temporary files go, and on resume the checkpoints newer than the one resumed move aside."""
+    preset, resume = getattr(opts, "preset", None), getattr(opts, "resume", None)
+    given = dict(given, OUT_DIR=str(out))
+    models = out / "Models"
+    if main_process:
+        for tmp in models.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+    if not resume:
         cfg = resolve_settings(given, "", preset)
         cfg.preset = preset
+        earlier = run_checkpoints(models)
+        if earlier and not getattr(opts, "overwrite", False):
+            raise UserError(f"{models} holds another run's checkpoints ({earlier[-1].name}): continue that run with "
+                            "--resume, or start this one with another --out-dir (or --overwrite to delete them)")
+        if earlier and main_process:
+            remove_run(out, cfg)
         return cfg, None
-    out_dir = given.get("OUT_DIR", constants.PRESETS.get(preset, {}).get("OUT_DIR", constants.OUT_DIR))
-    models = Path(out_dir) / "Models"
-    if not list_checkpoints(models):
-        raise UserError(f"--resume: no checkpoint in {models} (set --out-dir to the run's folder)")
-    state, path = load_checkpoint(models)
+    state, path = resume_checkpoint(models, resume)
     cfg = resolve_settings(given, "", preset, base=state["config"])
     trained = checkpoint_settings(state)  # settings newer than the checkpoint take their defaults
     for name in ARCHITECTURE:
@@ -98,8 +141,70 @@ def parse_args(argv=None):
         if old != new:
             raise UserError(f"{flag_of(name)} is {new!r} but {path} was trained with {old!r}; drop it to resume")
     cfg.preset = preset or state["config"].get("preset")
+    if main_process:
+        supersede_newer(models, state["step"])
     print(f"resuming from {path} (step {state['step']})")
     return cfg, state
+
+
+def run_checkpoints(models):
+    """The checkpoints a run left in Models/ (best.pt last)."""
+    best = models / BEST_CHECKPOINT
+    return list_checkpoints(models) + ([best] if best.is_file() else [])
+
+
+def resume_checkpoint(models, resume):
+    """(state, path) to resume from: --resume PATH, or the newest readable checkpoint in Models/."""
+    if resume is True:
+        if not list_checkpoints(models):
+            raise UserError(f"--resume: no checkpoint in {models} (set --out-dir to the run's folder)")
+        return load_checkpoint(models, TRAINING_KEYS)
+    path = Path(resume)
+    if path.is_dir():
+        raise UserError(f"--resume {path} is a folder: give a checkpoint file, or use --resume --out-dir FOLDER "
+                        "for the newest checkpoint of the run in FOLDER")
+    state, path = load_checkpoint(path, TRAINING_KEYS)
+    if path.resolve().parent != models.resolve() and run_checkpoints(models):
+        raise UserError(f"{models} holds another run's checkpoints: resume {path} with another --out-dir")
+    return state, path
+
+
+def supersede_newer(models, step):
+    """Move the checkpoints of Models/ newer than `step` (unreadable ones passed over, or the later
+    branch when resuming an older checkpoint, best.pt included) to Models/superseded/<time>/: the
+    run never mixes them with its own, and nothing is deleted."""
+    newer = [p for p in list_checkpoints(models) if checkpoint_step(p) > step]
+    if not newer:
+        return
+    best = models / BEST_CHECKPOINT
+    if best.is_file() and best_step(best) > step:
+        newer.append(best)
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+    while (folder := models / SUPERSEDED / (stamp + (f"-{n}" if n else ""))).exists():
+        n += 1
+    folder.mkdir(parents=True)
+    for p in newer:
+        os.replace(p, folder / p.name)
+    print(f"moved {len(newer)} checkpoint(s) newer than step {step} to {folder}", file=sys.stderr)
+
+
+def best_step(path):
+    """The step of best.pt (one that cannot be read counts as newer than any)."""
+    try:
+        return read_checkpoint(path)["step"]
+    except (UserError, KeyError, TypeError):
+        return math.inf
+
+
+def remove_run(out, cfg):
+    """--overwrite: delete the earlier run's checkpoints (superseded ones too), and the sample grids,
+    plots and metrics train.py wrote at this resolution."""
+    models, samples = out / "Models", out / "saved_examples" / f"{cfg.resolution}x{cfg.resolution}"
+    doomed = run_checkpoints(models) + [p for pattern in RUN_OUTPUTS for p in samples.glob(pattern)]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    shutil.rmtree(models / SUPERSEDED, ignore_errors=True)
+    print(f"--overwrite: deleted {len(doomed)} files of the earlier run in {out}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------
@@ -403,21 +508,32 @@ def open_tensorboard(cfg):
 
 class StopSignal:
     """Turns SIGINT/SIGTERM into a flag checked after each iteration (by every process at the same
-    iteration: `signum` is set once any process has seen one); a second signal stops at once."""
+    iteration: `signum` is set once any process has seen one). A repeated SIGTERM changes nothing;
+    a second SIGINT (Ctrl-C twice) stops at once, except while a checkpoint is being written."""
 
     def __init__(self):
-        self.signum, self.received, self.previous = None, None, {}
+        self.signum, self.received, self.previous, self.writing = None, None, {}, False
 
     def seen(self, device):
         if any_process(self.received is not None, device):
             self.signum = self.received or signal.SIGTERM
         return self.signum is not None
 
+    @contextlib.contextmanager
+    def writing_checkpoint(self):
+        """A checkpoint write that a second Ctrl-C does not cut short."""
+        self.writing = True
+        try:
+            yield
+        finally:
+            self.writing = False
+
     def _handle(self, signum, frame):
-        if self.received is not None:
+        if self.received is None:
+            self.received = signum
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this iteration", file=sys.stderr)
+        elif signum == signal.SIGINT and not self.writing:
             raise KeyboardInterrupt
-        self.received = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this iteration", file=sys.stderr)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -428,6 +544,23 @@ class StopSignal:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def terminate_before_training():
+    """SIGTERM outside the training loop (loading data, building the networks) raises Terminated;
+    repeats are ignored. The loop's StopSignal takes over while it runs."""
+    def handle(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------------------
@@ -502,16 +635,22 @@ def train_on(cfg, state, rank, world_size, device):
           f"D {sum(p.numel() for p in run.D.parameters()) / 1e6:.2f}M params; "
           f"{sampler.steps_per_epoch} iterations per epoch; outputs in {models} and {samples}")
 
+    kept = list_checkpoints(models)  # this run's checkpoints: Models/ holds no other run's (see settings)
+    written = {"step": state["step"] if state is not None and checkpoint_path(models, state["step"]).is_file()
+               else None}  # the step of the newest checkpoint in Models/ that holds this run's state
+
     def save():
         assert same_on_every_process([*run.G.parameters(), *run.D.parameters()]), "replicas diverged"
         path = checkpoint_path(models, run.step)
-        if main_process and not path.exists():
-            save_checkpoint(checkpoint_state(run, cfg), path, cfg.keep_checkpoints)
+        if main_process and written["step"] != run.step:
+            save_checkpoint(checkpoint_state(run, cfg), path)
+            written["step"] = run.step
+            kept[:] = prune_checkpoints(kept + [path], cfg.keep_checkpoints)
             plot_losses(run.history, samples / "losses.png")
         return path
 
     def save_best():
-        save_checkpoint(checkpoint_state(run, cfg), models / "best.pt")
+        save_checkpoint(checkpoint_state(run, cfg), models / BEST_CHECKPOINT)
 
     try:
         return train_loop(run, cfg, data, sampler, latents, evaluator, metric, save, save_best, samples,
@@ -533,17 +672,18 @@ def train_loop(run, cfg, data, sampler, latents, evaluator, metric, save, save_b
                 if main_process and run.epoch % cfg.sample_every == 0:
                     save_samples(run, latents, samples / f"epoch_{run.epoch:04d}.png")
                 if evaluator is not None and run.epoch % cfg.eval_every == 0:
-                    evaluate_now(run, cfg, evaluator, metric, save_best, samples)
+                    evaluate_now(run, cfg, evaluator, metric, stop.writing_checkpoint()(save_best), samples)
                 if run.epoch % cfg.checkpoint_every == 0:
-                    save()
-        if stop.signum is not None:
+                    with stop.writing_checkpoint():
+                        save()
+        if stop.signum is None and main_process:
+            save_samples(run, latents, samples / f"step_{run.step:08d}.png")
+        with stop.writing_checkpoint():
             path = save()
+        if stop.signum is not None:
             if main_process:
                 print(f"stopped at step {run.step}; checkpoint {path}; continue with --resume", file=sys.stderr)
             return 128 + stop.signum
-    if main_process:
-        save_samples(run, latents, samples / f"step_{run.step:08d}.png")
-    path = save()
     print(f"done: {run.step} iterations, {run.nimg} images; checkpoint {path}; samples and losses.png in {samples}")
     return 0
 
@@ -578,14 +718,29 @@ def run_epoch(run, cfg, data, sampler, stop):
 
 def main(argv=None):
     try:
-        cfg, state = parse_args(argv)
-        return train(cfg, state)
+        with terminate_before_training():
+            given, opts = parse_settings(argv, "", __doc__, EXTRA_FLAGS)
+            check_settings(given)  # the flags themselves, before the run's folder is touched
+            out = run_folder(given, opts)
+            main_process = process_rank() == 0
+            if main_process:
+                writable_folder(out / "Models", "--out-dir")
+            with RunLock(out / "Models") if main_process else contextlib.nullcontext():
+                cfg, state = settings(given, opts, out, main_process)
+                return train(cfg, state)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Diverged as e:
         print(f"error: {e}; stopped without saving (the last checkpoint is intact)", file=sys.stderr)
         return 1
+    except OSError as e:  # writing a sample grid, plot or metrics file: disk full, no permission
+        print(f"error: cannot write {e.filename or 'an output file'}: {e.strerror or e} "
+              "(the checkpoints already written are intact)", file=sys.stderr)
+        return 1
+    except Terminated:
+        print("\nSIGTERM before training started: stopped, no checkpoint written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C while stopping
         print("\ninterrupted; nothing saved (checkpoints already written are intact)", file=sys.stderr)
         return 130

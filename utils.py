@@ -6,8 +6,14 @@ import io
 import json
 import math
 import os
+import pickle
 import random
+import re
+import socket
+import sys
 import tokenize
+import warnings
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +25,11 @@ import constants
 from modules import use_winograd
 
 CHECKPOINT_GLOB = "checkpoint_*.pt"
+CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)\.pt")
+BEST_CHECKPOINT = "best.pt"
+LOCK_FILE = "train.lock"  # in OUT_DIR/Models while a train.py run writes there
+SUPERSEDED = "superseded"  # Models/superseded/<time>/: checkpoints newer than the one a run resumed from
+INT64_MAX = 2**63 - 1  # the largest integer a setting may hold (torch and NumPy take int64)
 SCRIPT_PREFIXES = ("GEN_", "EVALUATE_")  # settings of generate_images.py and evaluate.py; the rest are train.py's
 
 
@@ -98,10 +109,15 @@ def build_parser(prefix, description, extra=()):
 
 
 def check_settings(values):
-    """Raise UserError naming the flag for a value out of range. `values`: {NAME: value}."""
+    """Raise UserError naming the flag for a value out of range. `values`: {NAME: value}. Numbers must
+    be finite, and integers fit in 64 bits, whatever their range."""
     for name, value in values.items():
         low, high = constants.RANGES.get(name, (None, None))
         for v in (value if isinstance(value, tuple) else (value,)):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{flag_of(name)} must be a finite number, got {value!r}")
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT64_MAX:
+                raise UserError(f"{flag_of(name)} must be below 2^63, got {value!r}")
             if (low is not None and v < low) or (high is not None and v > high):
                 bounds = f"between {low} and {high}" if high is not None else f">= {low}"
                 raise UserError(f"{flag_of(name)} must be {bounds}, got {value!r}")
@@ -112,6 +128,9 @@ def check_settings(values):
         raise UserError(f"--adam-betas needs two comma-separated numbers, got {values['ADAM_BETAS']!r}")
     if "SLICE_RANGE" in values:
         check_slice_range(values["SLICE_RANGE"])
+    if "DATA_SPLITS" in values and not any(s.strip() for s in values["DATA_SPLITS"].split(",")):
+        raise UserError(f"--data-splits must name at least one split folder, such as train; "
+                        f"got {values['DATA_SPLITS']!r}")
 
 
 def check_slice_range(slice_range):
@@ -146,9 +165,13 @@ def resolve_settings(given, prefix, preset=None, base=None):
     return SimpleNamespace(**{_strip_script_prefix(k).lower(): v for k, v in values.items()})
 
 
-def checkpoint_settings(state, data_root=""):
-    """A checkpoint's training settings (resolution, image mode, ...), with `data_root` when given."""
-    return resolve_settings({"DATA_ROOT": data_root} if data_root else {}, "", base=state["config"])
+def checkpoint_settings(state, data_root="", skip_bad_images=False):
+    """A checkpoint's training settings (resolution, image mode, ...), with `data_root` when given
+    and unreadable images skipped when asked."""
+    given = dict(DATA_ROOT=data_root) if data_root else {}
+    if skip_bad_images:
+        given["SKIP_BAD_IMAGES"] = True
+    return resolve_settings(given, "", base=state["config"])
 
 
 def config_dict(cfg):
@@ -159,6 +182,28 @@ def config_dict(cfg):
 def save_json(obj, path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(obj, indent=2, default=list) + "\n")
+
+
+def writable_folder(path, flag):
+    """Check, before any work, that the output folder `path` exists or can be created there, and can
+    be written to; else a UserError naming `flag` (a file in the way, no permission)."""
+    path = Path(path)
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {existing} is not writable")
+    return path
+
+
+def writable_file(path, flag):
+    """Check, before any work, that the output file `path` can be written (its folder created)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path} is not writable")
+    return writable_folder(path.parent, flag) / path.name
 
 
 def resolve_device(name, flag="--device"):
@@ -205,6 +250,11 @@ def seed_everything(seed):
 # ---------------------------------------------------------------------------------------
 # Several processes (torchrun): helpers that do nothing in a single process
 # ---------------------------------------------------------------------------------------
+def process_rank():
+    """This process's rank under torchrun (0 when there is a single process), known before joining."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def init_distributed(device):
     """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, Gloo on CPU).
     Returns (rank, world_size, device): each process takes the GPU of its LOCAL_RANK."""
@@ -369,49 +419,242 @@ def lr_factor(cfg, step, epoch):
 
 
 # ---------------------------------------------------------------------------------------
-# Checkpoints: atomic write, keep the newest K, safe load
+# Checkpoints: atomic writes, safe reads, newest readable, one run per folder
 # ---------------------------------------------------------------------------------------
+CHECKPOINT_KEYS = ("G_ema", "model_args", "config", "class_names", "step", "nimg", "history")  # to generate
+
+
 def checkpoint_path(models_dir, step):
     return Path(models_dir) / f"checkpoint_{step:08d}.pt"
 
 
+def checkpoint_step(path):
+    """The step in a checkpoint's file name (checkpoint_00000120.pt -> 120); None for other names."""
+    m = CHECKPOINT_NAME.fullmatch(Path(path).name)
+    return int(m[1]) if m else None
+
+
 def list_checkpoints(models_dir):
-    return sorted(Path(models_dir).glob(CHECKPOINT_GLOB))
+    """The checkpoint_*.pt files of a folder, oldest to newest by step."""
+    folder = Path(models_dir)
+    found = [p for p in folder.glob(CHECKPOINT_GLOB) if checkpoint_step(p) is not None] if folder.is_dir() else []
+    return sorted(found, key=checkpoint_step)
 
 
-def save_checkpoint(state, path, keep=0):
-    """Write to a temporary file, fsync, then rename over `path`; then keep only the newest `keep`."""
+def _os_reason(exc):
+    """The OS's reason behind a failed write (torch.save reports one as a RuntimeError whose context
+    is the OSError), else the exception's first line."""
+    cause = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and cause.strerror:
+        return cause.strerror
+    return _first_line(exc)
+
+
+def _first_line(exc):
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def save_checkpoint(state, path):
+    """Write `state` to a temporary file of this process's own, fsync, then rename it over `path`.
+    A failed write (disk full, no permission, ...) removes the temporary file, leaves `path` and
+    every other file as they were, and raises a UserError naming the path and the OS's reason."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if keep > 0:
-        for old in list_checkpoints(path.parent)[:-keep]:
-            old.unlink()
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "xb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):
+            raise UserError(f"cannot write checkpoint {path}: {_os_reason(e)}") from None
+        raise
+    _sync_folder(path.parent)
     return path
 
 
-def load_checkpoint(path):
-    """Load a checkpoint with weights_only=True (no code runs); any failure is a UserError naming it."""
+def _sync_folder(folder):
+    """fsync a folder, so that a rename in it survives a power cut (POSIX; elsewhere nothing)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def prune_checkpoints(paths, keep):
+    """Delete all but the newest `keep` (by step) of `paths`, a run's own checkpoints (0: keep all).
+    Returns the kept paths, oldest first."""
+    paths = sorted(set(paths), key=checkpoint_step)
+    if keep <= 0 or len(paths) <= keep:
+        return paths
+    for old in paths[:-keep]:
+        old.unlink(missing_ok=True)
+    return paths[-keep:]
+
+
+def read_checkpoint(path):
+    """Load one checkpoint file with weights_only=True, so nothing in it runs; a file that is not a
+    readable PyTorch checkpoint of tensors and plain data is a UserError saying what it is not."""
     path = Path(path)
-    if path.is_dir():
-        found = list_checkpoints(path)
-        if not found:
-            raise UserError(f"no checkpoint ({CHECKPOINT_GLOB}) in {path}")
-        path = found[-1]
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    zipped = head == b"PK\x03\x04"  # torch.save's format is a zip archive
+    if not head:
+        raise UserError(f"{path} is empty, not a PyTorch checkpoint")
+    if zipped and not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is an incomplete PyTorch checkpoint (truncated or damaged)")
+    if not zipped and head[:1] != b"\x80":  # nor a pickle (torch's legacy format)
+        raise UserError(f"{path} is not a PyTorch checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line error
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(state, dict) or "model_args" not in state:
-        raise UserError(f"{path} is not a checkpoint of this toolkit")
-    return state, path
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol notes of the weights-only unpickler
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)})") from None
+        if zipped:
+            raise UserError(f"{path} contains Python objects other than tensors, refused for safety "
+                            "(nothing in it was run)") from None
+        raise UserError(f"{path} is a Python pickle, not a checkpoint of this toolkit, refused for safety "
+                        "(nothing in it was run)") from None
+    except Exception as e:  # noqa: BLE001 - any other unreadable file gets the same one-line error
+        reason = _first_line(e)
+        raise UserError(f"{path} is not a readable PyTorch checkpoint"
+                        + ("" if "weights_only" in reason else f" ({reason})")) from None
+
+
+def check_checkpoint(state, path, need=CHECKPOINT_KEYS):
+    """A UserError unless `state` is a checkpoint dict of this toolkit holding every key of `need`."""
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a checkpoint of this toolkit (it holds a {type(state).__name__}, not a dict)")
+    missing = [k for k in need if k not in state]
+    if missing and ("G_ema" in missing or "model_args" in missing):
+        held = ", ".join(map(str, list(state)[:6])) + (", ..." if len(state) > 6 else "")
+        raise UserError(f"{path} is a checkpoint without {missing[0]}, not one this toolkit wrote "
+                        f"(it holds: {held or 'nothing'})")
+    if missing:
+        raise UserError(f"{path} is a checkpoint without {', '.join(missing)}, which this needs")
+    return state
+
+
+def load_checkpoint(path, need=CHECKPOINT_KEYS):
+    """(state, path) of a checkpoint file, or of the newest readable checkpoint in a folder: each
+    unreadable newer one passed over is named in a warning line on stderr. Nothing in a file runs."""
+    path = Path(path)
+    if not path.is_dir():
+        return check_checkpoint(read_checkpoint(path), path, need), path
+    found = list_checkpoints(path)
+    if not found:
+        raise UserError(f"no checkpoint ({CHECKPOINT_GLOB}) in {path}")
+    passed = []
+    for candidate in reversed(found):
+        try:
+            state = check_checkpoint(read_checkpoint(candidate), candidate, need)
+        except UserError as e:
+            passed.append(str(e))
+            continue
+        for reason in passed:
+            print(f"warning: passing over an unreadable newer checkpoint: {reason}", file=sys.stderr)
+        return state, candidate
+    more = f" (and {len(found) - 1} older ones)" if len(found) > 1 else ""
+    raise UserError(f"no readable checkpoint in {path}: {passed[0]}{more}")
+
+
+class RunLock:
+    """OUT_DIR/Models/train.lock, held while one train.py run writes there. A second run into the
+    folder stops with a UserError naming the owner; a lock left by a process that died is taken
+    over, with a line saying so. The kernel's flock (released when its process dies) decides where
+    the file system has it; elsewhere the PID recorded in the file, checked on this host."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / LOCK_FILE
+        self.fd, self.created = None, False
+
+    def __enter__(self):
+        me = f"{os.getpid()} {socket.gethostname()}"
+        try:
+            self.created = not self.path.parent.exists()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {self.path.parent} ({e.strerror})") from None
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                held, owner = _try_flock(fd), os.read(fd, 4096).decode(errors="replace").split()
+                if held is False or (held is None and _owner_alive(owner)):
+                    pid, host = (owner + ["?", "?"])[:2]
+                    raise UserError(f"another training run (PID {pid} on {host}) is writing to {self.path.parent}: "
+                                    f"let it finish, or use another --out-dir (if no run is writing there, "
+                                    f"delete {self.path})")
+                if _same_file(fd, self.path):  # not unlinked by an owner that was releasing it
+                    self.fd = fd
+            finally:
+                if self.fd is None:
+                    os.close(fd)
+        if owner and owner[0] != str(os.getpid()):
+            pid, host = (owner + ["?"])[:2]
+            print(f"taking over {self.path}, left by PID {pid} on {host}, which is no longer running", file=sys.stderr)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{me}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+        if self.created and not any(self.path.parent.iterdir()):  # a run that stopped before writing
+            self.path.parent.rmdir()
+
+
+def _try_flock(fd):
+    """True: this process now holds the flock of `fd`; False: another process does; None: no flock here."""
+    try:
+        import fcntl
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        return False
+    except (ImportError, OSError):  # Windows, or a file system without flock (some NFS, Lustre mounts)
+        return None
+    return True
+
+
+def _owner_alive(owner):
+    """Whether the process recorded in a lock file (["PID", "HOST"]) may still run: unknown hosts and
+    systems count as alive."""
+    if len(owner) < 2 or not owner[0].isdigit():
+        return False
+    if owner[1] != socket.gethostname() or os.name != "posix":
+        return True
+    try:
+        os.kill(int(owner[0]), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, but another user's
+        return True
+    return True
+
+
+def _same_file(fd, path):
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------

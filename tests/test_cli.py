@@ -155,8 +155,9 @@ def test_parse_settings_from_argv():
     assert cfg.channel_max == constants.PRESETS["smoke"]["CHANNEL_MAX"]
 
 
-def test_train_parse_args_preset_and_flags():
-    cfg, state = train.parse_args(["--preset", "smoke", "--resolution", "64"])
+def test_train_settings_preset_and_flags(tmp_path):
+    given, opts = utils.parse_settings(["--preset", "smoke", "--resolution", "64"], "", "", train.EXTRA_FLAGS)
+    cfg, state = train.settings(given, opts, tmp_path)
     assert state is None
     assert cfg.resolution == 64 and cfg.preset == "smoke"
     assert cfg.batch_size == constants.PRESETS["smoke"]["BATCH_SIZE"]

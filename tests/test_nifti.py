@@ -113,7 +113,7 @@ def test_slice_range_without_brain(tmp_path):
     vol, brain = ellipsoid()  # brain in slices 3..26 of 30
     save(vol, tmp_path / "v.nii.gz")
     assert len(dataset.load_volume(tmp_path / "v.nii.gz", 16, slice_range=(0.9, 1.0))) == 0
-    with pytest.raises(UserError, match="no brain within --slice-range 0.9,1"):
+    with pytest.raises(UserError, match=r"no brain within the slice range 0.9,1 \(train.py's --slice-range\)"):
         dataset.load_dataset(tmp_path, ("train",), 16, progress=False, slice_range=(0.9, 1.0))
     write_images(tmp_path, 1)  # other files still load: the volume just adds no slices
     assert len(dataset.load_dataset(tmp_path, ("train",), 16, progress=False, slice_range=(0.9, 1.0))) == 1

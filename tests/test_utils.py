@@ -242,8 +242,8 @@ class NotAllowed:
 
 
 def sample_state(step=0):
-    return dict(model_args=dict(G=dict(z_dim=8, resolution=32), D=dict(channels=(1, 2))),
-                step=step, weights=torch.arange(6.0).reshape(2, 3),
+    return dict(model_args=dict(G=dict(z_dim=8, resolution=32), D=dict(channels=(1, 2))), G_ema={}, config={},
+                class_names=[], nimg=0, history={}, step=step, weights=torch.arange(6.0).reshape(2, 3),
                 nested=dict(a=dict(b=torch.tensor([1, 2, 3]), c=[1.5, "x"])), pair=(0.0, 0.99),
                 name="run", flag=True)
 
@@ -274,7 +274,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(utils.torch, "save", broken_save)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(UserError, match="disk full"):
         utils.save_checkpoint(sample_state(2), path)
     monkeypatch.undo()
     loaded, _ = utils.load_checkpoint(path)
@@ -282,19 +282,21 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_checkpoint_keep_prunes_oldest(tmp_path):
-    models = tmp_path / "Models"
+    models, kept = tmp_path / "Models", []
     for step in (1, 20, 300):
-        utils.save_checkpoint(sample_state(step), utils.checkpoint_path(models, step), keep=2)
+        path = utils.save_checkpoint(sample_state(step), utils.checkpoint_path(models, step))
+        kept = utils.prune_checkpoints(kept + [path], 2)
     assert sorted(p.name for p in models.iterdir()) == ["checkpoint_00000020.pt", "checkpoint_00000300.pt"]
     other = models / "notes.txt"
     other.write_text("keep me")
-    utils.save_checkpoint(sample_state(4000), utils.checkpoint_path(models, 4000), keep=1)
+    path = utils.save_checkpoint(sample_state(4000), utils.checkpoint_path(models, 4000))
+    utils.prune_checkpoints(kept + [path], 1)
     assert sorted(p.name for p in models.iterdir()) == ["checkpoint_00004000.pt", "notes.txt"]
 
 
 def test_checkpoint_keep_zero_keeps_all(tmp_path):
-    for step in range(4):
-        utils.save_checkpoint(sample_state(step), utils.checkpoint_path(tmp_path, step), keep=0)
+    paths = [utils.save_checkpoint(sample_state(step), utils.checkpoint_path(tmp_path, step)) for step in range(4)]
+    assert utils.prune_checkpoints(paths, 0) == paths
     assert len(utils.list_checkpoints(tmp_path)) == 4
 
 
