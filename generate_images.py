@@ -72,7 +72,8 @@ def parse_numbers(text, kind, flag, high=INT64_MAX):
     except ValueError:
         raise UserError(f"{flag} takes comma-separated {noun}, got {text!r}") from None
     if not values or not all(0 <= v <= high for v in values):  # NaN fails every comparison
-        raise UserError(f"{flag} takes {noun} from 0 to {high:g}, got {text!r}")
+        limit = "2^63 - 1" if high == INT64_MAX else f"{high:g}"
+        raise UserError(f"{flag} takes {noun} from 0 to {limit}, got {text!r}")
     return values
 
 

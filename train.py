@@ -724,7 +724,7 @@ def main(argv=None):
             out = run_folder(given, opts)
             main_process = process_rank() == 0
             if main_process:
-                writable_folder(out / "Models", "--out-dir")
+                writable_folder(out / "Models", "--out-dir", out)
             with RunLock(out / "Models") if main_process else contextlib.nullcontext():
                 cfg, state = settings(given, opts, out, main_process)
                 return train(cfg, state)

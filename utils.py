@@ -184,15 +184,16 @@ def save_json(obj, path):
     Path(path).write_text(json.dumps(obj, indent=2, default=list) + "\n")
 
 
-def writable_folder(path, flag):
+def writable_folder(path, flag, given=None):
     """Check, before any work, that the output folder `path` exists or can be created there, and can
-    be written to; else a UserError naming `flag` (a file in the way, no permission)."""
+    be written to; else a UserError naming `flag` and the value `given` to it (a file in the way, no
+    permission)."""
     path = Path(path)
     existing = next(p for p in [path, *path.absolute().parents] if p.exists())
     if not existing.is_dir():
-        raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
+        raise UserError(f"{flag} {given or path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: {existing} is not writable")
+        raise UserError(f"{flag} {given or path}: {existing} is not writable")
     return path
 
 
@@ -203,7 +204,7 @@ def writable_file(path, flag):
         raise UserError(f"{flag} {path} is a folder; give a file name")
     if path.exists() and not os.access(path, os.W_OK):
         raise UserError(f"{flag} {path} is not writable")
-    return writable_folder(path.parent, flag) / path.name
+    return writable_folder(path.parent, flag, path) / path.name
 
 
 def resolve_device(name, flag="--device"):
