@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import constants
-from modules import WINOGRAD, use_winograd
+from ops import WINOGRAD, use_winograd
 from train import autocast, build_run, cache_on_device, reg_intervals, setup_device, train_step
 from utils import UserError, describe_device, parse_settings, resolve_settings, seed_everything
 

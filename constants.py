@@ -7,6 +7,7 @@ the flag's --help text. Presets (bottom) override these; flags override presets.
 DATA_ROOT = "data/AD_NC"  # image folder: AD_NC/{train,test}/{AD,NC}, class sub-folders, or a flat folder
 DEMO_ROOT = "data/demo/AD_NC"  # where the built-in demo set (from the MNI152 brain template) is built on first use
 DEMO_ATROPHY = 1.0  # strength of the simulated atrophy of the demo set's AD class (0: none)
+DEMO = dict(subjects=(60, 15), slices_per_subject=20, seed=0)  # the demo set: subjects per class (train, test)
 DATA_SPLITS = "train"  # comma list of split sub-folders of DATA_ROOT to use when they exist, e.g. train,test
 RESOLUTION = 256  # training resolution, a power of two from 32 to 1024
 IMAGE_MODE = "L"  # L (grayscale, 1 channel) or RGB (3 channels); the model's channels follow
@@ -84,6 +85,10 @@ AMP = True  # CUDA: bf16 autocast of the G and D forward passes (penalties stay 
 COMPILE = False  # torch.compile the synthesis network and D (falls back to eager, with a warning, where it cannot)
 WINOGRAD = "auto"  # stride-1 3x3 convolutions by Winograd's F(2x2, 3x3): auto (on for CPU, faster there) | on | off
 CACHE_ON_DEVICE = True  # CUDA: keep the uint8 image cache in GPU memory if under a quarter of it (else pinned memory)
+
+# Winograd's convolution runs only where it measured faster than the direct one (docs/speed.md):
+# layers of at least MIN_CHANNELS channels and MIN_SIZE pixels; batches in chunks of CHUNK input values.
+WINOGRAD_KERNEL = dict(min_channels=128, min_size=16, chunk=2**20)
 
 # --- generation (flags of generate_images.py, without the GEN_ prefix) ----------------
 GEN_MODE = "samples"  # samples | mixing | interpolate | tsne | truncation | project | losses

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from dataset import load_slices, to_model_range
 from generate_images import generate, load_discriminator, load_generator
+from ops import use_fast_kernels
 from utils import (
     CHECKPOINT_KEYS,
     UserError,
@@ -37,7 +38,6 @@ from utils import (
     resolve_device,
     resolve_settings,
     save_json,
-    use_fast_kernels,
     writable_file,
 )
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from constants import RANGES
 from dataset import load_image, load_slices, to_model_range
 from modules import Discriminator, Generator, NoiseInjection
+from ops import use_fast_kernels
 from utils import (
     CHECKPOINT_KEYS,
     INT64_MAX,
@@ -53,7 +54,6 @@ from utils import (
     save_image,
     save_json,
     save_labelled_grid,
-    use_fast_kernels,
     writable_folder,
 )
 

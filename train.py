@@ -22,16 +22,17 @@ import torch
 from tqdm import tqdm
 
 import constants
-from dataset import EpochSampler, load_slices, random_flips, random_rotation_and_jitter, to_model_range
+from augment import AugmentPipe, ada_update, random_flips, random_rotation_and_jitter
+from dataset import EpochSampler, load_slices, to_model_range
 from evaluate import Evaluator, best_metric, heldout_slices, load_inception
-from modules import AugmentPipe, Discriminator, Generator, at_growth_level
+from modules import Discriminator, Generator, at_growth_level
+from ops import use_fast_kernels
 from utils import (
     BEST_CHECKPOINT,
     CHECKPOINT_KEYS,
     SUPERSEDED,
     RunLock,
     UserError,
-    ada_update,
     all_reduce_mean,
     any_process,
     check_settings,
@@ -69,7 +70,6 @@ from utils import (
     save_grid,
     save_json,
     seed_everything,
-    use_fast_kernels,
     writable_folder,
 )
 

@@ -1,7 +1,6 @@
 """Settings and command line, losses and penalties, EMA, seeding, checkpoints, image grids and plots."""
 import argparse
 import ast
-import ctypes
 import io
 import json
 import math
@@ -22,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 import constants
-from modules import use_winograd
 
 CHECKPOINT_GLOB = "checkpoint_*.pt"
 CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)\.pt")
@@ -222,25 +220,6 @@ def describe_device(device):
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse. By default it hands every freed block over
-    32 MB back to the system, so each new 64x64x256 activation of the CPU step was paged in and zeroed
-    by the kernel again: keeping it made that step 1.3x faster. Elsewhere (not glibc) it does nothing."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers in malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, 2**30) and libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
-def use_fast_kernels(device, winograd="auto"):
-    """The process-wide speed settings each script makes once it knows its device: Winograd's
-    convolution where it is faster (--winograd) and malloc keeping freed memory."""
-    use_winograd(winograd, device)
-    keep_freed_memory()
-
-
 def seed_everything(seed):
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
@@ -359,13 +338,6 @@ def path_length_penalty(fake_img, ws, pl_mean, decay):
     lengths = grad.square().sum(2).mean(1).sqrt()  # (N, num_ws, w_dim) -> (N,)
     new_mean = pl_mean.lerp(lengths.mean().detach(), decay)
     return (lengths - new_mean).square().mean(), new_mean
-
-
-def ada_update(p, rt, target, nimg, ada_kimg):
-    """StyleGAN2-ADA's overfitting heuristic: while r_t = E[sign(D(real))] is above the target, D is
-    too sure of the reals and p rises; below it p falls; by nimg / (ada_kimg * 1000), within [0, 1]."""
-    step = nimg / (ada_kimg * 1000)
-    return min(max(p + step * ((rt > target) - (rt < target)), 0.0), 1.0)
 
 
 def growth_level(nimg, kimg, resolution):

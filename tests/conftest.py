@@ -22,10 +22,10 @@ torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))
 def winograd_as_imported():
     """train.py and bench.py switch Winograd's convolution on for the CPU (a module-wide setting); every
     test starts from the module's default, off."""
-    import modules
-    saved = dict(modules.WINOGRAD)
+    import ops
+    saved = dict(ops.WINOGRAD)
     yield
-    modules.WINOGRAD.update(saved)
+    ops.WINOGRAD.update(saved)
 
 
 def assert_user_error(capsys, code, *needles):

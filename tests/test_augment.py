@@ -8,7 +8,7 @@ from conftest import assert_user_error, smoke
 
 import train
 import utils
-from modules import AugmentPipe
+from augment import AugmentPipe, ada_update
 
 
 def images(n=8, size=16, channels=1, seed=0):
@@ -54,10 +54,10 @@ def test_augmentation_is_differentiable():
 
 def test_ada_update_moves_p_toward_less_overfitting():
     step = 32 / (100 * 1000)
-    assert utils.ada_update(0.5, 0.9, 0.6, 32, 100) == pytest.approx(0.5 + step)  # D too sure of reals
-    assert utils.ada_update(0.5, 0.3, 0.6, 32, 100) == pytest.approx(0.5 - step)
-    assert utils.ada_update(0.5, 0.6, 0.6, 32, 100) == 0.5
-    assert utils.ada_update(0.0, -1.0, 0.6, 32, 100) == 0.0 and utils.ada_update(1.0, 1.0, 0.6, 32, 100) == 1.0
+    assert ada_update(0.5, 0.9, 0.6, 32, 100) == pytest.approx(0.5 + step)  # D too sure of reals
+    assert ada_update(0.5, 0.3, 0.6, 32, 100) == pytest.approx(0.5 - step)
+    assert ada_update(0.5, 0.6, 0.6, 32, 100) == 0.5
+    assert ada_update(0.0, -1.0, 0.6, 32, 100) == 0.0 and ada_update(1.0, 1.0, 0.6, 32, 100) == 1.0
 
 
 def test_overfitting_sign():

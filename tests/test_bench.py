@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import assert_user_error
 
 import bench
-import modules
+import ops
 
 
 def test_flop_count_of_a_convolution_forward_and_backward():
@@ -48,10 +48,10 @@ def test_bench_json_report(capsys):
 
 
 def test_bench_counts_model_flops_whichever_convolution_algorithm_runs(capsys, monkeypatch):
-    monkeypatch.setitem(modules.WINOGRAD, "min_channels", 1)  # the smoke model's layers use it too
-    monkeypatch.setitem(modules.WINOGRAD, "min_size", 2)
+    monkeypatch.setitem(ops.WINOGRAD, "min_channels", 1)  # the smoke model's layers use it too
+    monkeypatch.setitem(ops.WINOGRAD, "min_size", 2)
     calls = []
-    monkeypatch.setattr(modules, "winograd_conv", lambda *a, f=modules.winograd_conv: calls.append(1) or f(*a))
+    monkeypatch.setattr(ops, "winograd_conv", lambda *a, f=ops.winograd_conv: calls.append(1) or f(*a))
     results = {}
     for setting in ("on", "off"):
         assert bench.main(["--preset", "smoke", "--batch-size", "4", "--iters", "4", "--warmup", "0", "--json",

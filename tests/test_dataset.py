@@ -8,6 +8,7 @@ import torch
 from conftest import write_images
 from PIL import Image
 
+import augment
 import dataset
 from utils import UserError
 
@@ -277,14 +278,14 @@ def test_sampler_ranks_split_batch():
 def test_random_flips_off_is_identity():
     torch.manual_seed(0)
     x = torch.randn(8, 1, 5, 5)
-    assert torch.equal(dataset.random_flips(x, False, False), x)
+    assert torch.equal(augment.random_flips(x, False, False), x)
 
 
 @pytest.mark.parametrize("hflip,vflip,dim", [(True, False, 3), (False, True, 2)])
 def test_random_flips_each_image_itself_or_mirror(hflip, vflip, dim):
     torch.manual_seed(0)
     x = torch.randn(64, 2, 5, 5)
-    y = dataset.random_flips(x, hflip, vflip)
+    y = augment.random_flips(x, hflip, vflip)
     flipped = 0
     for a, b in zip(x, y):
         same, mirror = torch.equal(a, b), torch.equal(a.flip(dim - 1), b)
@@ -296,7 +297,7 @@ def test_random_flips_each_image_itself_or_mirror(hflip, vflip, dim):
 def test_random_flips_both():
     torch.manual_seed(1)
     x = torch.randn(64, 1, 4, 4)
-    y = dataset.random_flips(x, True, True)
+    y = augment.random_flips(x, True, True)
     options = lambda a: [a, a.flip(2), a.flip(1), a.flip(1).flip(2)]  # noqa: E731
     seen = set()
     for a, b in zip(x, y):
@@ -328,14 +329,14 @@ def disk_and_square(n=6, size=32):
 
 def test_rotation_and_jitter_off_is_identity():
     x = torch.rand(3, 1, 8, 8)
-    assert dataset.random_rotation_and_jitter(x, 0, 0) is x
+    assert augment.random_rotation_and_jitter(x, 0, 0) is x
 
 
 def test_rotation_moves_off_centre_content_only():
     torch.manual_seed(0)
     disk, square = disk_and_square()
-    rotated_disk = dataset.random_rotation_and_jitter(disk, 30, 0)
-    rotated_square = dataset.random_rotation_and_jitter(square, 30, 0)
+    rotated_disk = augment.random_rotation_and_jitter(disk, 30, 0)
+    rotated_square = augment.random_rotation_and_jitter(square, 30, 0)
     assert (rotated_disk - disk).abs().mean() < 0.05  # a disk looks the same at any angle
     assert sum((a - b).abs().mean() > 0.02 for a, b in zip(rotated_square, square)) >= 4  # most squares moved
     assert rotated_square[:, :, -1, :].max() == -1  # black fills what comes in from outside
@@ -345,11 +346,11 @@ def test_rotation_moves_off_centre_content_only():
 def test_jitter_scales_brightness_and_contrast_within_range():
     torch.manual_seed(0)
     x = torch.full((200, 1, 4, 4), 0.0)  # a flat mid-grey: 0.5 on [0, 1]; contrast leaves it flat
-    y = (dataset.random_rotation_and_jitter(x, 0, 0.2) + 1) / 2
+    y = (augment.random_rotation_and_jitter(x, 0, 0.2) + 1) / 2
     levels = y.flatten(1)
     assert torch.allclose(levels, levels[:, :1])  # still flat
     assert levels.min() >= 0.5 * 0.8 - 1e-6 and levels.max() <= 0.5 * 1.2 + 1e-6
     assert levels.min() < 0.5 * 0.85 and levels.max() > 0.5 * 1.15  # the whole range is used
-    contrast = (dataset.random_rotation_and_jitter(disk_and_square(200)[0], 0, 0.2) + 1) / 2
+    contrast = (augment.random_rotation_and_jitter(disk_and_square(200)[0], 0, 0.2) + 1) / 2
     spread = contrast.amax(dim=[1, 2, 3]) - contrast.amin(dim=[1, 2, 3])
     assert spread.min() < 0.9 and spread.max() <= 1  # contrast factors below 1 narrow the range

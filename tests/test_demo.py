@@ -1,4 +1,4 @@
-"""The built-in demo data set (dataset.build_demo_dataset / ensure_demo_dataset): ADNI's layout and
+"""The built-in demo data set (demo_data.build_demo_dataset / ensure_demo_dataset): ADNI's layout and
 image format, byte-identical rebuilds, the cache, and a measurable AD vs NC difference."""
 import json
 
@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import dataset
+import demo_data
 from utils import UserError
 
 pytest.importorskip("nilearn")
@@ -16,7 +17,7 @@ SUBJECTS, SLICES = (4, 2), 4  # per class: 4 train and 2 test subjects, 4 slices
 
 def build(root, **kwargs):
     kwargs = {"subjects": SUBJECTS, "slices_per_subject": SLICES, "progress": False, **kwargs}
-    return dataset.build_demo_dataset(root, **kwargs)
+    return demo_data.build_demo_dataset(root, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -111,30 +112,30 @@ def test_same_seed_gives_byte_identical_files(demo, tmp_path):
 def test_ensure_uses_cache_and_rebuilds_on_change(tmp_path):
     root = tmp_path / "data" / "AD_NC"
     kwargs = {"subjects": (1, 1), "slices_per_subject": 2}
-    assert dataset.ensure_demo_dataset(root, progress=False, **kwargs) == root
+    assert demo_data.ensure_demo_dataset(root, progress=False, **kwargs) == root
     stamp = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
     assert len(stamp) == 1 + 2 + 4 + 8  # manifest, split folders, class folders, 8 PNGs
-    assert dataset.demo_dataset_ready(root, **kwargs)
-    assert dataset.ensure_demo_dataset(root, progress=False, **kwargs) == root  # cached: nothing rewritten
+    assert demo_data.demo_dataset_ready(root, **kwargs)
+    assert demo_data.ensure_demo_dataset(root, progress=False, **kwargs) == root  # cached: nothing rewritten
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == stamp
     # other parameters: rebuilt
-    dataset.ensure_demo_dataset(root, progress=False, **{**kwargs, "slices_per_subject": 3})
+    demo_data.ensure_demo_dataset(root, progress=False, **{**kwargs, "slices_per_subject": 3})
     assert len(list((root / "train" / "AD").glob("*.png"))) == 3
     assert json.loads((root / "demo.json").read_text())["params"]["slices_per_subject"] == 3
-    dataset.ensure_demo_dataset(root, progress=False, **{**kwargs, "slices_per_subject": 3, "atrophy": 0.5})
+    demo_data.ensure_demo_dataset(root, progress=False, **{**kwargs, "slices_per_subject": 3, "atrophy": 0.5})
     assert json.loads((root / "demo.json").read_text())["params"]["atrophy"] == 0.5
     # an incomplete set (a file lost): rebuilt
     kwargs = {**kwargs, "slices_per_subject": 3, "atrophy": 0.5}
     next((root / "test" / "NC").glob("*.png")).unlink()
-    assert not dataset.demo_dataset_ready(root, **kwargs)
-    dataset.ensure_demo_dataset(root, progress=False, **kwargs)
-    assert dataset.demo_dataset_ready(root, **kwargs)
+    assert not demo_data.demo_dataset_ready(root, **kwargs)
+    demo_data.ensure_demo_dataset(root, progress=False, **kwargs)
+    assert demo_data.demo_dataset_ready(root, **kwargs)
     assert not list(root.parent.glob(".AD_NC.*"))
 
 
 def test_interrupted_build_leaves_no_half_set(tmp_path, monkeypatch):
     root = tmp_path / "AD_NC"
-    real, calls = dataset.render_demo_subject, []
+    real, calls = demo_data.render_demo_subject, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -142,15 +143,15 @@ def test_interrupted_build_leaves_no_half_set(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dataset, "render_demo_subject", failing)
+    monkeypatch.setattr(demo_data, "render_demo_subject", failing)
     with pytest.raises(KeyboardInterrupt):
-        dataset.ensure_demo_dataset(root, subjects=(2, 1), slices_per_subject=1, progress=False)
+        demo_data.ensure_demo_dataset(root, subjects=(2, 1), slices_per_subject=1, progress=False)
     assert not root.exists()
     assert not list(tmp_path.iterdir())  # the temporary folder is gone too
     # a stale temporary folder of a killed build is cleaned up by the next build
     (tmp_path / f".AD_NC.partial-{2**22 + 12345}" / "train").mkdir(parents=True)
-    monkeypatch.setattr(dataset, "render_demo_subject", real)
-    dataset.ensure_demo_dataset(root, subjects=(1, 1), slices_per_subject=1, progress=False)
+    monkeypatch.setattr(demo_data, "render_demo_subject", real)
+    demo_data.ensure_demo_dataset(root, subjects=(1, 1), slices_per_subject=1, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["AD_NC"]
 
 
@@ -159,12 +160,12 @@ def test_refuses_to_replace_other_data_and_bad_parameters(tmp_path):
     (other / "train" / "AD").mkdir(parents=True)
     (other / "train" / "AD" / "real.png").write_bytes(b"x")
     with pytest.raises(UserError, match="not a demo data set"):
-        dataset.ensure_demo_dataset(other, subjects=(1, 1), slices_per_subject=1, progress=False)
+        demo_data.ensure_demo_dataset(other, subjects=(1, 1), slices_per_subject=1, progress=False)
     assert (other / "train" / "AD" / "real.png").read_bytes() == b"x"
     for bad in [{"subjects": (0, 1)}, {"subjects": (1, -1)}, {"subjects": 5}, {"slices_per_subject": 0},
                 {"atrophy": -1.0}]:
         with pytest.raises(UserError):
-            dataset.build_demo_dataset(tmp_path / "x", **{"subjects": (1, 1), "progress": False, **bad})
+            demo_data.build_demo_dataset(tmp_path / "x", **{"subjects": (1, 1), "progress": False, **bad})
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,9 +186,9 @@ def test_ad_has_larger_ventricles(demo, demo_no_atrophy):
 def test_atrophy_zero_renders_ad_like_nc():
     """With atrophy 0 an AD subject goes through exactly the healthy rendering: the same draws give
     the same images, so AD and NC differ only by which random subjects they hold."""
-    a = dataset.render_demo_subject(np.random.default_rng([7, 0, 0, 0]), 2, ad_severity=0.0)
-    b = dataset.render_demo_subject(np.random.default_rng([7, 0, 0, 0]), 2, ad_severity=0.0)
-    c = dataset.render_demo_subject(np.random.default_rng([7, 0, 0, 0]), 2, ad_severity=1.0)
+    a = demo_data.render_demo_subject(np.random.default_rng([7, 0, 0, 0]), 2, ad_severity=0.0)
+    b = demo_data.render_demo_subject(np.random.default_rng([7, 0, 0, 0]), 2, ad_severity=0.0)
+    c = demo_data.render_demo_subject(np.random.default_rng([7, 0, 0, 0]), 2, ad_severity=1.0)
     assert a.shape == (2, 240, 256) and a.dtype == np.uint8
     assert np.array_equal(a, b)
     assert (ventricle_area(c[0]) + ventricle_area(c[1])) > (ventricle_area(a[0]) + ventricle_area(a[1]))

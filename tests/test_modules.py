@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import modules
+import ops
 from modules import Discriminator, EqualLinear, Generator, MappingNetwork, MinibatchStdDev, ModulatedConv2d
 
 TINY = dict(resolution=32, channel_base=256, channel_max=16)
@@ -34,7 +35,7 @@ def test_conv2d_matches_torch_to_the_second_derivative(cin, cout, k, stride, pad
     x = torch.randn(3, cin, size, size, dtype=torch.float64, requires_grad=True)
     shape = (cin, cout // groups, k, k) if transpose else (cout, cin // groups, k, k)
     w = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    ours = lambda x, w: modules.conv2d(x, w, stride, padding, groups, transpose)  # noqa: E731
+    ours = lambda x, w: ops.conv2d(x, w, stride, padding, groups, transpose)  # noqa: E731
     theirs = (lambda x, w: torch.nn.functional.conv_transpose2d(x, w, None, stride, padding, 0, groups)) if transpose \
         else (lambda x, w: torch.nn.functional.conv2d(x, w, None, stride, padding, 1, groups))
     assert torch.allclose(ours(x, w), theirs(x, w))
@@ -80,20 +81,20 @@ class Spy:
 ])
 def test_winograd_matches_direct_convolution_to_the_second_derivative(monkeypatch, cin, cout, n, h, w, chunk,
                                                                       transpose):
-    monkeypatch.setitem(modules.WINOGRAD, "chunk", chunk)
-    monkeypatch.setitem(modules.WINOGRAD, "min_channels", 1)  # small layers, to keep the test fast
-    monkeypatch.setitem(modules.WINOGRAD, "min_size", 2)
+    monkeypatch.setitem(ops.WINOGRAD, "chunk", chunk)
+    monkeypatch.setitem(ops.WINOGRAD, "min_channels", 1)  # small layers, to keep the test fast
+    monkeypatch.setitem(ops.WINOGRAD, "min_size", 2)
     torch.manual_seed(0)
     x = torch.randn(n, cin, h, w, requires_grad=True)
     weight = torch.randn(*((cin, cout) if transpose else (cout, cin)), 3, 3, requires_grad=True)
-    f = lambda x, w: modules.conv2d(x, w, padding=1, transpose=transpose)  # noqa: E731
+    f = lambda x, w: ops.conv2d(x, w, padding=1, transpose=transpose)  # noqa: E731
     g = torch.randn(n, cout, h, w)
-    monkeypatch.setitem(modules.WINOGRAD, "enabled", False)
+    monkeypatch.setitem(ops.WINOGRAD, "enabled", False)
     direct = conv_derivatives(f, x, weight, g)
-    monkeypatch.setitem(modules.WINOGRAD, "enabled", True)
-    spies = {name: Spy(getattr(modules, name)) for name in ("winograd_conv", "winograd_conv_grads")}
+    monkeypatch.setitem(ops.WINOGRAD, "enabled", True)
+    spies = {name: Spy(getattr(ops, name)) for name in ("winograd_conv", "winograd_conv_grads")}
     for name, spy in spies.items():
-        monkeypatch.setattr(modules, name, spy)
+        monkeypatch.setattr(ops, name, spy)
     winograd = conv_derivatives(f, x, weight, g)
     assert spies["winograd_conv"].calls >= 3 and spies["winograd_conv_grads"].calls >= 2  # nothing fell back
     for a, b in zip(direct, winograd):
@@ -110,19 +111,19 @@ def test_winograd_matches_direct_convolution_to_the_second_derivative(monkeypatc
     ((1, 64, 16, 16), 128, 3, 1, torch.float32),  # under min_channels: likewise
 ])
 def test_winograd_leaves_other_convolutions_to_pytorch(monkeypatch, shape, cout, k, stride, dtype):
-    monkeypatch.setitem(modules.WINOGRAD, "enabled", True)
+    monkeypatch.setitem(ops.WINOGRAD, "enabled", True)
     if shape[1] == 4:
-        monkeypatch.setitem(modules.WINOGRAD, "min_channels", 1)
-        monkeypatch.setitem(modules.WINOGRAD, "min_size", 2)
-    spy = Spy(modules.winograd_conv)
-    monkeypatch.setattr(modules, "winograd_conv", spy)
+        monkeypatch.setitem(ops.WINOGRAD, "min_channels", 1)
+        monkeypatch.setitem(ops.WINOGRAD, "min_size", 2)
+    spy = Spy(ops.winograd_conv)
+    monkeypatch.setattr(ops, "winograd_conv", spy)
     x, w = torch.randn(*shape, dtype=dtype), torch.randn(cout, shape[1], k, k, dtype=dtype)
-    y = modules.conv2d(x, w, stride=stride, padding=k // 2)
+    y = ops.conv2d(x, w, stride=stride, padding=k // 2)
     assert spy.calls == 0 and torch.equal(y, torch.nn.functional.conv2d(x, w, stride=stride, padding=k // 2))
     if shape[1] >= 64:  # the same layer above the thresholds does use it
-        monkeypatch.setitem(modules.WINOGRAD, "min_channels", 64)
-        monkeypatch.setitem(modules.WINOGRAD, "min_size", 8)
-        modules.conv2d(x, w, stride=stride, padding=k // 2)
+        monkeypatch.setitem(ops.WINOGRAD, "min_channels", 64)
+        monkeypatch.setitem(ops.WINOGRAD, "min_size", 8)
+        ops.conv2d(x, w, stride=stride, padding=k // 2)
         assert spy.calls == 1
 
 
@@ -131,16 +132,16 @@ def test_winograd_setting():
     try:
         for setting, device, enabled in [("auto", cpu, True), ("auto", cuda, False), ("on", cuda, True),
                                          ("off", cpu, False)]:
-            modules.use_winograd(setting, device)
-            assert modules.WINOGRAD["enabled"] is enabled, (setting, device)
+            ops.use_winograd(setting, device)
+            assert ops.WINOGRAD["enabled"] is enabled, (setting, device)
     finally:
-        modules.use_winograd("off", cpu)
+        ops.use_winograd("off", cpu)
 
 
 def test_conv2d_under_autocast_computes_in_bf16_and_returns_float32_gradients():
     x, w = torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(6, 4, 3, 3, requires_grad=True)
     with torch.autocast("cpu", torch.bfloat16):
-        y = modules.conv2d(x, w, padding=1)
+        y = ops.conv2d(x, w, padding=1)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()  # the backward runs outside autocast: dtypes must still agree
     assert x.grad.dtype == w.grad.dtype == torch.float32

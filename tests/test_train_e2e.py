@@ -15,7 +15,7 @@ from conftest import assert_user_error, smoke
 from PIL import Image
 
 import generate_images
-import modules
+import ops
 import train
 import utils
 
@@ -171,10 +171,10 @@ def test_compile_falls_back_to_eager_with_one_warning(data, tmp_path, monkeypatc
 def test_winograd_training_follows_the_direct_convolution(data, tmp_path, monkeypatch):
     """The smoke model's layers are under Winograd's thresholds; lowered, every stride-1 3x3 convolution of
     the step (penalties' double backward included) runs it, and the losses follow the direct convolution's."""
-    monkeypatch.setitem(modules.WINOGRAD, "min_channels", 1)
-    monkeypatch.setitem(modules.WINOGRAD, "min_size", 2)
+    monkeypatch.setitem(ops.WINOGRAD, "min_channels", 1)
+    monkeypatch.setitem(ops.WINOGRAD, "min_size", 2)
     calls = []
-    monkeypatch.setattr(modules, "winograd_conv", lambda *a, f=modules.winograd_conv: calls.append(1) or f(*a))
+    monkeypatch.setattr(ops, "winograd_conv", lambda *a, f=ops.winograd_conv: calls.append(1) or f(*a))
     history = {}
     for setting in ("on", "off"):
         out = tmp_path / setting

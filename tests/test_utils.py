@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import ops
 import utils
 from utils import UserError
 
@@ -408,7 +409,7 @@ def test_plot_losses_writes_png(tmp_path):
 
 
 def test_keep_freed_memory_reuses_a_large_freed_block_without_paging_it_in_again():
-    if not utils.keep_freed_memory():
+    if not ops.keep_freed_memory():
         pytest.skip("not glibc's malloc")
     torch.empty(2**24).fill_(1)  # 64 MB, freed at once
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
