@@ -23,18 +23,17 @@ from torch.utils.flop_counter import flop_registry
 
 import constants
 from ops import WINOGRAD, use_winograd
-from train import autocast, build_run, cache_on_device, reg_intervals, setup_device, train_step
+from training import autocast, build_run, cache_on_device, reg_intervals, setup_device, train_step
 from utils import UserError, describe_device, parse_settings, resolve_settings, seed_everything
 
-ITERS, WARMUP = 16, 4
+B = constants.BENCH
+ITERS, WARMUP, GENERATION_BATCH, PEAK_CONV = B["iters"], B["warmup"], B["generation_batch"], B["peak_conv"]
 EXTRA_FLAGS = [
     (("--preset",), dict(choices=sorted(constants.PRESETS), help="named set of settings from constants.PRESETS")),
     (("--iters",), dict(type=int, metavar="N", help=f"timed training iterations (default: {ITERS})")),
     (("--warmup",), dict(type=int, metavar="N", help=f"untimed iterations first (default: {WARMUP})")),
     (("--json",), dict(action="store_true", help="print the results as one JSON object on stdout")),
 ]
-GENERATION_BATCH = 64
-PEAK_CONV = dict(batch=16, channels=256, size=64)  # the reference 3x3 convolution (CPU; x4 batch on CUDA)
 
 
 def synthetic_data(cfg, n):

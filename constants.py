@@ -90,6 +90,10 @@ CACHE_ON_DEVICE = True  # CUDA: keep the uint8 image cache in GPU memory if unde
 # layers of at least MIN_CHANNELS channels and MIN_SIZE pixels; batches in chunks of CHUNK input values.
 WINOGRAD_KERNEL = dict(min_channels=128, min_size=16, chunk=2**20)
 
+# bench.py: timed and warm-up training iterations, the generation batch, and the reference 3x3
+# convolution that measures the machine's conv peak (CPU; 4x the batch on CUDA)
+BENCH = dict(iters=16, warmup=4, generation_batch=64, peak_conv=dict(batch=16, channels=256, size=64))
+
 # --- generation (flags of generate_images.py, without the GEN_ prefix) ----------------
 GEN_MODE = "samples"  # samples | mixing | interpolate | tsne | truncation | project | losses
 GEN_CHECKPOINT = "Models"  # checkpoint file, or a folder whose newest checkpoint is used
@@ -117,6 +121,9 @@ GEN_PROJECT_STEPS = 300  # project (and tsne with --data-root): optimisation ste
 GEN_PROJECT_LR = 0.1  # project: peak Adam learning rate (ramped up, then cosine down)
 GEN_PROJECT_FEATURES = 1.0  # project: weight of the discriminator-feature (perceptual) distance beside the pixel MSE
 GEN_PROJECT_NOISE_REG = 1e5  # project: weight of the noise-map regulariser (StyleGAN2 projector)
+# The projector's schedule (StyleGAN2's): z samples for the mean and spread of w; noise added to w (times
+# its spread), ramped down to 0 over w_noise_ramp of the steps; learning-rate ramps as fractions of the steps.
+PROJECTOR = dict(w_samples=10000, w_noise=0.05, w_noise_ramp=0.75, lr_rampup=0.05, lr_rampdown=0.25, seed=0)
 
 # --- evaluation (flags of evaluate.py, without the EVALUATE_ prefix) -------------------
 EVALUATE_CHECKPOINT = "Models"  # checkpoint file, or a folder whose newest checkpoint is used

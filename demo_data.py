@@ -321,7 +321,7 @@ def build_demo_dataset(root=constants.DEMO_ROOT, subjects=DEMO["subjects"],
                     Image.fromarray(arr).save(partial / split / cls / f"{cls}_{split}_{i:03d}_{k:02d}.png",
                                               compress_level=3)
 
-            # one subject per core, each single-threaded: ~1.7x faster than one multi-threaded torch
+            # one subject per core, each single-threaded: faster than one multi-threaded torch
             workers = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                  else os.cpu_count() or 1))
             torch_threads = torch.get_num_threads()

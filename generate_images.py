@@ -20,8 +20,6 @@ Modes (--mode):
   project      the w (or W+) and noise maps whose image best matches --target; PSNR and SSIM of the result
   losses       the checkpoint's training loss plot (and evaluation metrics plot)
 The checkpoint carries its own settings, so no architecture flag is needed. The same seed gives the same image."""
-import copy
-import math
 import re
 import sys
 from pathlib import Path
@@ -32,20 +30,22 @@ import torch.nn.functional as F
 
 from constants import RANGES
 from dataset import load_image, load_slices, to_model_range
-from modules import Discriminator, Generator, NoiseInjection
 from ops import use_fast_kernels
+from projector import project, reconstruction_scores
 from utils import (
     CHECKPOINT_KEYS,
     INT64_MAX,
     UserError,
-    checkpoint_growth_level,
     checkpoint_settings,
+    images_from_latents,
     load_checkpoint,
+    load_discriminator,
+    load_generator,
+    mapped,
     parse_settings,
     plot_losses,
     plot_metrics,
     pyplot,
-    quantize_uint8,
     resolve_device,
     resolve_settings,
     save_figure,
@@ -54,6 +54,8 @@ from utils import (
     save_image,
     save_json,
     save_labelled_grid,
+    seed_latents,
+    synthesize,
     writable_folder,
 )
 
@@ -82,36 +84,6 @@ def parse_seeds(text, default=(), flag="--seeds"):
     return parse_numbers(text, int, flag) if text else list(default)
 
 
-def load_network(cls, state, name, args):
-    """Network `name` (G_ema or D) of a checkpoint, in eval mode; a UserError if it does not fit the
-    checkpoint's model_args."""
-    try:
-        net = cls(**args)
-        net.load_state_dict(state[name])
-    except (TypeError, ValueError, KeyError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"the checkpoint's {name} does not fit its model_args ({reason})") from None
-    return net.eval().requires_grad_(False)
-
-
-def load_generator(state, device):
-    """The EMA generator of a checkpoint, in eval mode (at its growth level if --progressive was
-    still fading in resolutions)."""
-    G = load_network(Generator, state, "G_ema", state["model_args"]["G"])
-    G.synthesis.level = checkpoint_growth_level(state)
-    return G.to(device)
-
-
-def load_discriminator(state, device):
-    """The discriminator of a checkpoint, in eval mode (its features are the projector's perceptual space)."""
-    return load_network(Discriminator, state, "D", state["model_args"]["D"]).to(device)
-
-
-def seed_latents(seeds, z_dim):
-    """One z per seed, drawn on the CPU so that a seed means the same z on every device."""
-    return torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds])
-
-
 def class_index(state, label):
     """The index of class `label` (a name), with a clear error for unconditional checkpoints and unknown names."""
     names = state["class_names"]
@@ -137,37 +109,14 @@ def require_classes(G, what):
         raise UserError(f"{what} needs a conditional checkpoint (train one with python train.py --conditional)")
 
 
-@torch.no_grad()
-def mapped(G, z, labels, truncation, device):
-    """z (N, z_dim) and labels (indices, or (N, K) class weights) -> w (N, w_dim) on the CPU."""
-    return G.mapping(z.to(device), labels.to(device) if labels is not None else None, truncation).cpu()
-
-
-@torch.no_grad()
-def synthesize(G, ws, noise_mode, batch, device):
-    """Images (N, C, R, R) in [-1, 1] on the CPU from w (N, w_dim) or per-layer styles (N, num_ws, w_dim)."""
-    if ws.dim() == 2:
-        ws = ws[:, None].expand(-1, G.num_ws, -1)
-    return torch.cat([G.synthesis(ws[i:i + batch].to(device), noise_mode).cpu() for i in range(0, len(ws), batch)])
-
-
-@torch.no_grad()
-def generate(G, z, labels, truncation, noise_mode, batch, device):
-    """Images (N, C, R, R) in [-1, 1] for latents z, generated `batch` at a time."""
-    out = []
-    for i in range(0, len(z), batch):
-        lab = labels[i:i + batch].to(device) if labels is not None else None
-        out.append(G(z[i:i + batch].to(device), lab, truncation=truncation, noise_mode=noise_mode).cpu())
-    return torch.cat(out)
-
-
 # ---------------------------------------------------------------------------------------
 # samples, truncation, losses
 # ---------------------------------------------------------------------------------------
 def run_samples(cfg, state, G, device, out):
     seeds = parse_seeds(cfg.seeds, range(cfg.n))
     labels = labels_for(state, cfg.label, len(seeds))
-    images = generate(G, seed_latents(seeds, G.z_dim), labels, cfg.truncation, cfg.noise_mode, cfg.batch, device)
+    z = seed_latents(seeds, G.z_dim)
+    images = images_from_latents(G, z, labels, cfg.truncation, cfg.noise_mode, cfg.batch, device)
     names = state["class_names"]
     for i, (seed, image) in enumerate(zip(seeds, images)):
         suffix = f"_{names[labels[i]]}" if labels is not None else ""
@@ -186,7 +135,7 @@ def truncation_grid(cfg, state, G, device, seeds):
     for name in classes:
         labels = labels_for(state, name, len(seeds))
         for psi in psis:
-            images.append(generate(G, z, labels, psi, cfg.noise_mode, cfg.batch, device))
+            images.append(images_from_latents(G, z, labels, psi, cfg.noise_mode, cfg.batch, device))
             rows.append(f"{name} ψ = {psi:g}".strip())
     return torch.stack(images), rows
 
@@ -321,127 +270,8 @@ def run_interpolate(cfg, state, G, device, out):
 
 
 # ---------------------------------------------------------------------------------------
-# Projection of real slices into W (StyleGAN2's projector, with the discriminator as perceptual space)
+# Projection of real slices into W (projector.py)
 # ---------------------------------------------------------------------------------------
-PROJECT_W_SAMPLES = 10000  # z samples for the mean and spread of w
-PROJECT_W_NOISE = 0.05  # start of the noise added to w (times its spread), ramped down to 0 ...
-PROJECT_W_NOISE_RAMP = 0.75  # ... over this fraction of the steps
-PROJECT_LR_RAMPUP, PROJECT_LR_RAMPDOWN = 0.05, 0.25  # fractions of the steps
-PROJECT_SEED = 0
-
-
-def discriminator_features(D, images):
-    """The discriminator's activations at every resolution, each unit-normalised across channels per pixel."""
-    x = D.from_img(images)
-    features = [x]
-    for block in D.blocks:
-        x = block(x)
-        features.append(x)
-    return [f * (f.square().sum(1, keepdim=True) + 1e-8).rsqrt() for f in features]
-
-
-def feature_distance(features_a, features_b):
-    """Per-image mean squared distance of normalised features, summed over resolutions (LPIPS-like) -> (N,)."""
-    return sum((a - b).square().sum(1).mean((1, 2)) for a, b in zip(features_a, features_b))
-
-
-def noise_regularizer(maps):
-    """Squared autocorrelation of each noise map with its 1-pixel shifts, over a pyramid of scales -> (N,)."""
-    loss = 0
-    for noise in maps:
-        while True:
-            loss = loss + (noise * noise.roll(1, 3)).mean((1, 2, 3)).square()
-            loss = loss + (noise * noise.roll(1, 2)).mean((1, 2, 3)).square()
-            if noise.shape[2] <= 8:
-                break
-            noise = F.avg_pool2d(noise, 2)
-    return loss
-
-
-def projection_lr(t, peak):
-    """Learning rate at fraction t of the optimisation: linear ramp-up, cosine ramp-down."""
-    ramp = min(1.0, (1 - t) / PROJECT_LR_RAMPDOWN)
-    ramp = 0.5 - 0.5 * math.cos(ramp * math.pi)
-    return peak * ramp * min(1.0, t / PROJECT_LR_RAMPUP)
-
-
-@torch.no_grad()
-def w_statistics(G, weights, device, generator):
-    """Mean w of each target's class (weights (N, K), or None) -> (N, w_dim), and the spread of w."""
-    z = torch.randn(PROJECT_W_SAMPLES, G.z_dim, generator=generator).to(device)
-    if weights is None:
-        w = G.mapping(z)
-        return w.mean(0, keepdim=True), float(w.var(0).sum().sqrt())
-    rows, index = weights.unique(dim=0, return_inverse=True)  # the distinct classes (or mixtures)
-    means, spread = [], []
-    for row in rows.to(device):
-        w = G.mapping(z, row.expand(len(z), -1))
-        means.append(w.mean(0))
-        spread.append(float(w.var(0).sum().sqrt()))
-    return torch.stack(means)[index.to(device)], float(np.mean(spread))
-
-
-def project(G, D, targets, weights, cfg, device, snapshots=0):
-    """Optimise w (or W+) and per-image noise maps so that G's images match `targets` (N, C, R, R) in
-    [-1, 1]: pixel MSE + the discriminator-feature distance + the noise regulariser, with the w
-    noise and learning-rate schedule of the StyleGAN2 projector. `weights` (N, K) pick each target's
-    class mean as the start (None: unconditional). Returns a dict of ws (N, num_ws, w_dim), noise
-    maps, images, the pixel MSE before and after (N,), and `snapshots` image sets along the way."""
-    G = copy.deepcopy(G)
-    generator = torch.Generator().manual_seed(PROJECT_SEED)
-    w_mean, w_spread = w_statistics(G, weights, device, generator)
-    n = len(targets)
-    w_opt = w_mean.expand(n, -1)[:, None].repeat(1, G.num_ws if cfg.project_space == "w+" else 1, 1)
-    w_opt.requires_grad_(True)
-    maps = []
-    for layer in G.modules():
-        if isinstance(layer, NoiseInjection):
-            size = layer.const_noise.shape[-1]
-            layer.const_noise = torch.randn(n, 1, size, size, generator=generator).to(device).requires_grad_(True)
-            maps.append(layer.const_noise)
-    targets = targets.to(device)
-    with torch.no_grad():
-        target_features = discriminator_features(D, targets)
-    optimizer = torch.optim.Adam([w_opt] + maps, betas=(0.9, 0.999), lr=cfg.project_lr)
-    keep = set(np.linspace(0, cfg.project_steps - 1, snapshots).round().astype(int)) if snapshots else set()
-
-    @torch.no_grad()
-    def render():  # the image of the current w (no w noise) and its pixel MSE
-        images = G.synthesis(w_opt.expand(-1, G.num_ws, -1), noise_mode="const")
-        return images, (images - targets).square().mean((1, 2, 3))
-
-    start, pictures = render()[1], []
-    for step in range(cfg.project_steps):
-        t = step / cfg.project_steps
-        for group in optimizer.param_groups:
-            group["lr"] = projection_lr(t, cfg.project_lr)
-        scale = w_spread * PROJECT_W_NOISE * max(0.0, 1 - t / PROJECT_W_NOISE_RAMP) ** 2
-        jitter = torch.randn(w_opt.shape, generator=generator).to(device) * scale
-        images = G.synthesis((w_opt + jitter).expand(-1, G.num_ws, -1), noise_mode="const")
-        pixel = (images - targets).square().mean((1, 2, 3))
-        loss = pixel + cfg.project_features * feature_distance(discriminator_features(D, images), target_features)
-        loss = loss + cfg.project_noise_reg * noise_regularizer(maps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        optimizer.step()
-        with torch.no_grad():
-            for m in maps:  # keep each noise map zero-mean and unit-variance
-                m.sub_(m.mean((1, 2, 3), keepdim=True)).mul_(m.square().mean((1, 2, 3), keepdim=True).rsqrt())
-        if step in keep:
-            pictures.append(render()[0].cpu())
-    images, end = render()
-    return dict(ws=w_opt.detach().expand(-1, G.num_ws, -1).cpu(), noise=[m.detach().cpu() for m in maps],
-                images=images.cpu(), pixel_start=start.cpu(), pixel_end=end.cpu(), snapshots=pictures)
-
-
-def reconstruction_scores(images, targets):
-    """PSNR (dB) and SSIM of the saved (8-bit) images against the targets, per image."""
-    from evaluate import ssim  # evaluate.py imports this module
-    a, b = quantize_uint8(images).float(), quantize_uint8(targets).float()
-    mse = (a - b).square().mean((1, 2, 3)).clamp_min(1e-10)
-    return 10 * torch.log10(255**2 / mse), ssim(a, b, data_range=255.0)
-
-
 def load_target(path, run):
     """The real slice to project, prepared as training prepared its data -> (1, C, R, R) in [-1, 1]."""
     path = Path(path)

@@ -149,8 +149,8 @@ class ModulatedConv2d(nn.Module):
     so that each output map has unit expected variance (StyleGAN2's weight demodulation).
 
     The default is the cheap form: scale the activations, run an ordinary convolution, scale the
-    output. The per-sample grouped-convolution form (fused=True) gives the same result but generated
-    slower at batch 64: 955 vs 1,411 img/s on an H100 at 256x256, 4.6 vs 5.7 on a 2-core CPU at 64x64."""
+    output. The per-sample grouped-convolution form (fused=True) gives the same result but generates
+    more slowly (docs/speed.md)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, w_dim, demodulate=True, up=False):
         super().__init__()

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import constants
+from modules import Discriminator, Generator
 
 CHECKPOINT_GLOB = "checkpoint_*.pt"
 CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)\.pt")
@@ -292,54 +292,8 @@ def close_distributed():
 
 
 # ---------------------------------------------------------------------------------------
-# Losses and penalties (pure functions of scores, images and latents)
+# Progressive training
 # ---------------------------------------------------------------------------------------
-def d_wgan_loss(real_pred, fake_pred, drift):
-    """WGAN critic loss with a drift term that keeps real scores near zero."""
-    return fake_pred.mean() - real_pred.mean() + drift * real_pred.square().mean()
-
-
-def g_wgan_loss(fake_pred):
-    """WGAN generator loss: -D(G(z))."""
-    return -fake_pred.mean()
-
-
-def d_logistic_loss(real_pred, fake_pred):
-    """Non-saturating logistic discriminator loss (StyleGAN2's default)."""
-    return F.softplus(fake_pred).mean() + F.softplus(-real_pred).mean()
-
-
-def g_nonsaturating_loss(fake_pred):
-    """Non-saturating logistic generator loss."""
-    return F.softplus(-fake_pred).mean()
-
-
-def gradient_penalty(critic, real, fake):
-    """WGAN-GP: E[(||grad critic(x_hat)|| - 1)^2] at random points between real and fake images."""
-    alpha = torch.rand(real.size(0), 1, 1, 1, device=real.device, dtype=real.dtype)
-    x_hat = alpha * real.detach() + (1 - alpha) * fake.detach()
-    x_hat.requires_grad_(True)
-    (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
-    return (grad.flatten(1).norm(dim=1) - 1).square().mean()
-
-
-def r1_penalty(real_pred, real_img):
-    """R1: E[||grad D(x)||^2] on real images (`real_img` must require grad)."""
-    (grad,) = torch.autograd.grad(real_pred.sum(), real_img, create_graph=True)
-    return grad.square().flatten(1).sum(1).mean()
-
-
-def path_length_penalty(fake_img, ws, pl_mean, decay):
-    """Path-length penalty: (|J^T y| - a)^2 with y random image-space noise and `a` its running mean.
-
-    Returns (penalty, new running mean)."""
-    noise = torch.randn_like(fake_img) / math.sqrt(fake_img.shape[2] * fake_img.shape[3])
-    (grad,) = torch.autograd.grad((fake_img * noise).sum(), ws, create_graph=True)
-    lengths = grad.square().sum(2).mean(1).sqrt()  # (N, num_ws, w_dim) -> (N,)
-    new_mean = pl_mean.lerp(lengths.mean().detach(), decay)
-    return (lengths - new_mean).square().mean(), new_mean
-
-
 def growth_level(nimg, kimg, resolution):
     """Progressive training's level after `nimg` images (None once every resolution is in): each
     resolution above 4x4 takes `kimg` thousand images, the first half at the level below, the
@@ -628,6 +582,63 @@ def _same_file(fd, path):
         return os.fstat(fd).st_ino == os.stat(path).st_ino
     except FileNotFoundError:
         return False
+
+
+# ---------------------------------------------------------------------------------------
+# A generator (and discriminator) from a checkpoint, and images from latents
+# ---------------------------------------------------------------------------------------
+def load_network(cls, state, name, args):
+    """Network `name` (G_ema or D) of a checkpoint, in eval mode; a UserError if it does not fit the
+    checkpoint's model_args."""
+    try:
+        net = cls(**args)
+        net.load_state_dict(state[name])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"the checkpoint's {name} does not fit its model_args ({reason})") from None
+    return net.eval().requires_grad_(False)
+
+
+def load_generator(state, device):
+    """The EMA generator of a checkpoint, in eval mode (at its growth level if --progressive was
+    still fading in resolutions)."""
+    G = load_network(Generator, state, "G_ema", state["model_args"]["G"])
+    G.synthesis.level = checkpoint_growth_level(state)
+    return G.to(device)
+
+
+def load_discriminator(state, device):
+    """The discriminator of a checkpoint, in eval mode (its features are the projector's perceptual space)."""
+    return load_network(Discriminator, state, "D", state["model_args"]["D"]).to(device)
+
+
+def seed_latents(seeds, z_dim):
+    """One z per seed, drawn on the CPU so that a seed means the same z on every device."""
+    return torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+@torch.no_grad()
+def mapped(G, z, labels, truncation, device):
+    """z (N, z_dim) and labels (indices, or (N, K) class weights) -> w (N, w_dim) on the CPU."""
+    return G.mapping(z.to(device), labels.to(device) if labels is not None else None, truncation).cpu()
+
+
+@torch.no_grad()
+def synthesize(G, ws, noise_mode, batch, device):
+    """Images (N, C, R, R) in [-1, 1] on the CPU from w (N, w_dim) or per-layer styles (N, num_ws, w_dim)."""
+    if ws.dim() == 2:
+        ws = ws[:, None].expand(-1, G.num_ws, -1)
+    return torch.cat([G.synthesis(ws[i:i + batch].to(device), noise_mode).cpu() for i in range(0, len(ws), batch)])
+
+
+@torch.no_grad()
+def images_from_latents(G, z, labels, truncation, noise_mode, batch, device):
+    """Images (N, C, R, R) in [-1, 1] for latents z, generated `batch` at a time."""
+    out = []
+    for i in range(0, len(z), batch):
+        lab = labels[i:i + batch].to(device) if labels is not None else None
+        out.append(G(z[i:i + batch].to(device), lab, truncation=truncation, noise_mode=noise_mode).cpu())
+    return torch.cat(out)
 
 
 # ---------------------------------------------------------------------------------------

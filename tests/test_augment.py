@@ -7,6 +7,7 @@ import torch
 from conftest import assert_user_error, smoke
 
 import train
+import training
 import utils
 from augment import AugmentPipe, ada_update
 
@@ -62,20 +63,20 @@ def test_ada_update_moves_p_toward_less_overfitting():
 
 def test_overfitting_sign():
     real, fake = torch.tensor([2.5, 1.0, -1.0, 3.0]), torch.tensor([1.5, 2.5])
-    assert train.overfitting_sign(real, fake, "logistic").item() == 0.5  # sign(D(real)): 3 of 4 positive
-    assert train.overfitting_sign(real, fake, "wgan-gp").item() == 0.0  # vs the mean fake score 2: 2 above, 2 below
+    assert training.overfitting_sign(real, fake, "logistic").item() == 0.5  # sign(D(real)): 3 of 4 positive
+    assert training.overfitting_sign(real, fake, "wgan-gp").item() == 0.0  # vs the mean fake score 2: 2 above, 2 below
 
 
 def test_p_rises_when_d_is_overconfident_on_reals():
     cfg = SimpleNamespace(ada_interval=4, ada_target=0.6, batch_size=16, ada_kimg=1.0)
     run = SimpleNamespace(aug_p=0.0, ada_signs=[])
     for _ in range(3):
-        train.adapt_augmentation(run, cfg, 0.95)
+        training.adapt_augmentation(run, cfg, 0.95)
     assert run.aug_p == 0.0 and len(run.ada_signs) == 3  # adjusted every ADA_INTERVAL iterations
-    train.adapt_augmentation(run, cfg, 0.95)
+    training.adapt_augmentation(run, cfg, 0.95)
     assert run.aug_p == pytest.approx(4 * 16 / 1000) and run.ada_signs == []
     for _ in range(8):
-        train.adapt_augmentation(run, cfg, 0.1)  # D no longer overfits: p falls back
+        training.adapt_augmentation(run, cfg, 0.1)  # D no longer overfits: p falls back
     assert run.aug_p == 0.0
 
 
@@ -115,9 +116,9 @@ def test_every_image_d_sees_is_augmented():
                                   "BATCH_SIZE": 8, "DEVICE": "cpu"}, "", "smoke")
     data = SimpleNamespace(images=torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8),
                            labels=torch.zeros(16, dtype=torch.long), class_names=["AD", "NC"], channels=1)
-    run = train.build_run(cfg, data, torch.device("cpu"))
+    run = training.build_run(cfg, data, torch.device("cpu"))
     calls, pipe = [], run.augment
     run.augment = lambda x, p: calls.append((len(x), p, x.requires_grad)) or pipe(x, p)
-    train.train_step(run, cfg, data, torch.arange(8))
+    training.train_step(run, cfg, data, torch.arange(8))
     assert [(n, p) for n, p, _ in calls] == [(8, 0.5)] * 4  # real, fake, GP interpolates, G's fakes
     assert [g for _, _, g in calls] == [False, False, True, True]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import assert_user_error, smoke
 
 import evaluate
+import metrics
 import train
 import utils
 
@@ -45,7 +46,7 @@ def test_frechet_distance_closed_form_for_commuting_covariances():
     a, b = np.linspace(0.5, 3, d), np.linspace(2, 0.1, d)
     mu1, mu2 = np.zeros(d), np.arange(d) / 3
     expected = np.square(mu1 - mu2).sum() + np.square(np.sqrt(a) - np.sqrt(b)).sum()
-    got = evaluate.frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
+    got = metrics.frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
     assert got == pytest.approx(expected, rel=1e-9)
 
 
@@ -56,7 +57,7 @@ def test_frechet_distance_general_covariances_match_scipy():
     s1, s2 = a @ a.T + 0.1 * np.eye(5), b @ b.T + 0.1 * np.eye(5)
     mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
     expected = np.square(mu1 - mu2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
-    assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-7)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-7)
 
 
 def test_fid_from_samples_of_shifted_gaussians():
@@ -65,9 +66,9 @@ def test_fid_from_samples_of_shifted_gaussians():
     x = rng.normal(size=(20000, 8))
     shift = np.full(8, 0.5)  # |m|^2 = 2
     y = rng.normal(size=(20000, 8)) + shift
-    stats_x, stats_y = evaluate.feature_stats(x), evaluate.feature_stats(y)
-    assert evaluate.frechet_distance(*stats_x, *stats_y) == pytest.approx(2.0, abs=0.05)
-    assert abs(evaluate.frechet_distance(*stats_x, *stats_x)) < 1e-8
+    stats_x, stats_y = metrics.feature_stats(x), metrics.feature_stats(y)
+    assert metrics.frechet_distance(*stats_x, *stats_y) == pytest.approx(2.0, abs=0.05)
+    assert abs(metrics.frechet_distance(*stats_x, *stats_x)) < 1e-8
 
 
 def test_kid_matches_the_unbiased_mmd_formula_and_grows_with_a_shift():
@@ -78,45 +79,45 @@ def test_kid_matches_the_unbiased_mmd_formula_and_grows_with_a_shift():
     kxx, kyy = k(x, x), k(y, y)
     brute = ((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
              - 2 * k(x, y).mean())
-    mean, std = evaluate.kernel_distance(x, y, seed=0, subsets=3, subset_size=30)
+    mean, std = metrics.kernel_distance(x, y, seed=0, subsets=3, subset_size=30)
     assert mean == pytest.approx(brute, rel=1e-9) and std == pytest.approx(0, abs=1e-9)  # every subset = all
-    same, _ = evaluate.kernel_distance(rng.normal(size=(500, 4)), rng.normal(size=(500, 4)), seed=0, subsets=10)
-    far, _ = evaluate.kernel_distance(rng.normal(size=(500, 4)), rng.normal(size=(500, 4)) + 1, seed=0, subsets=10)
+    same, _ = metrics.kernel_distance(rng.normal(size=(500, 4)), rng.normal(size=(500, 4)), seed=0, subsets=10)
+    far, _ = metrics.kernel_distance(rng.normal(size=(500, 4)), rng.normal(size=(500, 4)) + 1, seed=0, subsets=10)
     assert abs(same) < 0.02 < far
 
 
 # --------------------------------------------------------------------------------------- SWD
 def test_swd_is_zero_for_identical_sets_and_grows_with_blur():
     real = blobs(64)
-    desc = evaluate.swd_descriptors(real, seed=0)
-    same = evaluate.swd(desc, evaluate.swd_descriptors(real, seed=0), 32, seed=0)
+    desc = metrics.swd_descriptors(real, seed=0)
+    same = metrics.swd(desc, metrics.swd_descriptors(real, seed=0), 32, seed=0)
     assert set(same) == {"swd", "swd_32", "swd_16"} and same["swd"] == 0
-    other = evaluate.swd(desc, evaluate.swd_descriptors(blobs(64, seed=1), seed=0), 32, seed=0)["swd"]
-    blurred = [evaluate.swd(desc, evaluate.swd_descriptors(blur(real, s), seed=0), 32, seed=0)["swd"]
+    other = metrics.swd(desc, metrics.swd_descriptors(blobs(64, seed=1), seed=0), 32, seed=0)["swd"]
+    blurred = [metrics.swd(desc, metrics.swd_descriptors(blur(real, s), seed=0), 32, seed=0)["swd"]
                for s in (0.7, 1.5, 3.0)]
     assert other < blurred[0] < blurred[1] < blurred[2]
 
 
 def test_laplacian_pyramid_levels_and_reconstruction():
     x = blobs(2, res=64)
-    levels = evaluate.laplacian_pyramid(x, evaluate.swd_levels(64))
+    levels = metrics.laplacian_pyramid(x, metrics.swd_levels(64))
     assert [lvl.shape[-1] for lvl in levels] == [64, 32, 16]
     rebuilt = levels[-1]
     for band in reversed(levels[:-1]):
-        rebuilt = band + evaluate.pyramid_up(rebuilt)
+        rebuilt = band + metrics.pyramid_up(rebuilt)
     assert torch.allclose(rebuilt, x, atol=1e-5)
-    assert evaluate.swd_levels(256) == 5 and evaluate.swd_levels(32) == 2
+    assert metrics.swd_levels(256) == 5 and metrics.swd_levels(32) == 2
 
 
 # --------------------------------------------------------------------------------------- MS-SSIM
 @pytest.mark.parametrize("res", [32, 64, 256])
 def test_ms_ssim_of_identical_images_is_one_and_falls_with_noise(res):
     x = blobs(4, res=res)
-    assert torch.allclose(evaluate.ms_ssim(x, x), torch.ones(4), atol=1e-5)
+    assert torch.allclose(metrics.ms_ssim(x, x), torch.ones(4), atol=1e-5)
     g = torch.Generator().manual_seed(0)
-    noisy = [evaluate.ms_ssim(x, x + s * torch.randn(x.shape, generator=g)).mean().item() for s in (0.1, 0.3, 1.0)]
+    noisy = [metrics.ms_ssim(x, x + s * torch.randn(x.shape, generator=g)).mean().item() for s in (0.1, 0.3, 1.0)]
     assert 1 > noisy[0] > noisy[1] > noisy[2]
-    unrelated = evaluate.ms_ssim(torch.rand(4, 1, res, res, generator=g) * 2 - 1,
+    unrelated = metrics.ms_ssim(torch.rand(4, 1, res, res, generator=g) * 2 - 1,
                                  torch.rand(4, 1, res, res, generator=g) * 2 - 1)
     assert unrelated.max() < 0.2
 
@@ -124,7 +125,7 @@ def test_ms_ssim_of_identical_images_is_one_and_falls_with_noise(res):
 def test_pair_ms_ssim_shows_mode_collapse():
     diverse = blobs(64)
     collapsed = diverse[:1].repeat(64, 1, 1, 1) + 0.05 * torch.randn(64, 1, 32, 32)
-    assert evaluate.mean_pair_ms_ssim(collapsed, 0) > 0.8 > evaluate.mean_pair_ms_ssim(diverse, 0)
+    assert metrics.mean_pair_ms_ssim(collapsed, 0) > 0.8 > metrics.mean_pair_ms_ssim(diverse, 0)
 
 
 # --------------------------------------------------------------------------------------- precision / recall
@@ -132,12 +133,12 @@ def test_precision_recall_known_cases():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 4, generator=g) * 20
     real = (centres[:, None] + torch.randn(4, 100, 4, generator=g)).reshape(-1, 4)
-    assert evaluate.precision_recall(real, real) == (1.0, 1.0)
+    assert metrics.precision_recall(real, real) == (1.0, 1.0)
     half = (centres[:2, None] + torch.randn(2, 100, 4, generator=g)).reshape(-1, 4)  # two of four modes
-    precision, recall = evaluate.precision_recall(real, half)
+    precision, recall = metrics.precision_recall(real, half)
     assert precision > 0.9 and 0.4 < recall < 0.55
     far = real + 1000
-    assert evaluate.precision_recall(real, far) == (0.0, 0.0)
+    assert metrics.precision_recall(real, far) == (0.0, 0.0)
 
 
 # --------------------------------------------------------------------------------------- AUC
@@ -146,46 +147,46 @@ def test_roc_auc_against_pairwise_counting():
     scores, positive = rng.integers(0, 5, 60).astype(float), rng.random(60) < 0.4  # many ties
     pos, neg = scores[positive], scores[~positive]
     expected = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
-    assert evaluate.roc_auc(scores, positive) == pytest.approx(expected)
-    assert evaluate.roc_auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
-    assert evaluate.roc_auc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert metrics.roc_auc(scores, positive) == pytest.approx(expected)
+    assert metrics.roc_auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert metrics.roc_auc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
 
 
 # --------------------------------------------------------------------------------------- Inception
 def test_no_inception_weights_is_skipped_with_instructions(capsys, tmp_path):
-    assert evaluate.load_inception("", torch.device("cpu")) is None
-    assert evaluate.load_inception(str(tmp_path / "missing.pth"), torch.device("cpu")) is None
+    assert metrics.load_inception("", torch.device("cpu")) is None
+    assert metrics.load_inception(str(tmp_path / "missing.pth"), torch.device("cpu")) is None
     out = capsys.readouterr().out
-    assert out.count("FID/KID skipped") == 2 and evaluate.FID_WEIGHTS_URL in out and "missing.pth" in out
+    assert out.count("FID/KID skipped") == 2 and metrics.FID_WEIGHTS_URL in out and "missing.pth" in out
 
 
 def test_wrong_inception_file_is_a_one_line_error(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a torch file")
     with pytest.raises(utils.UserError, match="--inception-weights: cannot read"):
-        evaluate.load_fid_inception(junk)
+        metrics.load_fid_inception(junk)
     partial = tmp_path / "partial.pth"
     torch.save({"fc.weight": torch.zeros(1008, 2048)}, partial)
     with pytest.raises(utils.UserError, match=r"missing weights, e\.g\. Conv2d_1a_3x3"):
-        evaluate.load_fid_inception(partial)
+        metrics.load_fid_inception(partial)
 
 
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory):
     """A weights file with the layout of pt_inception-2015-12-05 (random values, same keys and shapes)."""
-    path = tmp_path_factory.mktemp("inception") / evaluate.FID_WEIGHTS_FILE
+    path = tmp_path_factory.mktemp("inception") / metrics.FID_WEIGHTS_FILE
     torch.manual_seed(0)
-    torch.save(evaluate.FIDInceptionV3().state_dict(), path)
+    torch.save(metrics.FIDInceptionV3().state_dict(), path)
     return path
 
 
 def test_inception_features_of_grayscale_images(inception_file):
-    model = evaluate.load_fid_inception(inception_file)
+    model = metrics.load_fid_inception(inception_file)
     assert len(model.state_dict()) == 566 and model.fc.weight.shape == (1008, 2048)
     x = blobs(2)
-    feats = evaluate.inception_features(model, x)
+    feats = metrics.inception_features(model, x)
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
-    same = evaluate.inception_features(model, x.repeat(1, 3, 1, 1))  # gray = repeated to 3 channels
+    same = metrics.inception_features(model, x.repeat(1, 3, 1, 1))  # gray = repeated to 3 channels
     assert torch.allclose(feats, same)
     model.train()
     assert not model.training  # batch norm never switches to batch statistics
@@ -194,12 +195,12 @@ def test_inception_features_of_grayscale_images(inception_file):
 # --------------------------------------------------------------------------------------- Evaluator
 def test_evaluator_on_its_own_real_images():
     real = ((blobs(40) + 1) * 127.5).round().to(torch.uint8)
-    ev = evaluate.Evaluator(real, torch.zeros(40, dtype=torch.long), n=40, seed=0)
+    ev = metrics.Evaluator(real, torch.zeros(40, dtype=torch.long), n=40, seed=0)
     pick = torch.randperm(40, generator=torch.Generator().manual_seed(0))
-    same = ev.compare(evaluate.to_model_range(real[pick]))
+    same = ev.compare(metrics.to_model_range(real[pick]))
     assert same["swd"] == 0 and same["precision"] == same["recall"] == 1.0
     assert same["ms_ssim_fake"] == pytest.approx(same["ms_ssim_real"])
-    worse = ev.compare(blur(evaluate.to_model_range(real[pick]), 2.0))
+    worse = ev.compare(blur(metrics.to_model_range(real[pick]), 2.0))
     assert worse["swd"] > 10 and "fid" not in worse
 
 
@@ -215,16 +216,16 @@ def test_discriminator_figures_measure_how_much_d_memorised():
     real = ((blobs(40) + 1) * 127.5).round().to(torch.uint8)
     labels = torch.zeros(40, dtype=torch.long)
     bright = torch.full((40, 1, 32, 32), 204, dtype=torch.uint8)  # 0.6 in [-1, 1], exactly
-    fake = evaluate.to_model_range(bright)
+    fake = metrics.to_model_range(bright)
     D = MeanD().train()
     for heldout_images, expected in ((real, 0.0), (bright, 1.0)):
         heldout = SimpleNamespace(images=heldout_images, labels=labels)
-        ev = evaluate.Evaluator(real, labels, n=40, seed=0, heldout=heldout)
+        ev = metrics.Evaluator(real, labels, n=40, seed=0, heldout=heldout)
         figures = ev.discriminator_figures(D, fake, torch.device("cpu"))
-        assert figures["d_real"] == pytest.approx(evaluate.to_model_range(real).mean().item(), abs=1e-5)
+        assert figures["d_real"] == pytest.approx(metrics.to_model_range(real).mean().item(), abs=1e-5)
         assert figures["d_fake"] == pytest.approx(0.6) and figures["d_overfit"] == pytest.approx(expected, abs=1e-5)
     assert D.training  # left as it was
-    without = evaluate.Evaluator(real, labels, n=40, seed=0).discriminator_figures(D, fake, torch.device("cpu"))
+    without = metrics.Evaluator(real, labels, n=40, seed=0).discriminator_figures(D, fake, torch.device("cpu"))
     assert set(without) == {"d_real", "d_fake"}  # no held-out slices, no d_overfit
 
 
@@ -234,11 +235,11 @@ def test_sample_images_is_seeded_and_leaves_the_global_rng_alone():
                   channel_max=8).eval()
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    a = evaluate.sample_images(G, None, 3, seed=5, device=torch.device("cpu"))
+    a = metrics.sample_images(G, None, 3, seed=5, device=torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), before)
-    assert torch.equal(a, evaluate.sample_images(G, None, 3, seed=5, device=torch.device("cpu")))
-    assert not torch.equal(a, evaluate.sample_images(G, None, 3, seed=6, device=torch.device("cpu")))
-    assert torch.equal(a, evaluate.quantize(a))  # on the 256 grey levels of the real PNGs
+    assert torch.equal(a, metrics.sample_images(G, None, 3, seed=5, device=torch.device("cpu")))
+    assert not torch.equal(a, metrics.sample_images(G, None, 3, seed=6, device=torch.device("cpu")))
+    assert torch.equal(a, metrics.quantize(a))  # on the 256 grey levels of the real PNGs
 
 
 # --------------------------------------------------------------------------------------- train.py
@@ -325,9 +326,9 @@ def test_classifier_learns_a_separable_task():
         y = torch.arange(n) % 2
         return torch.where(y[:, None, None, None] == 1, x.flip(2).clamp(max=0.0), x), y
     train_set, test_set = make(96, 0), make(32, 1)
-    net = evaluate.train_classifier(*train_set, num_classes=2, epochs=4, seed=0, device=torch.device("cpu"),
+    net = metrics.train_classifier(*train_set, num_classes=2, epochs=4, seed=0, device=torch.device("cpu"),
                                     batch=16)
-    accuracy, auc = evaluate.accuracy_auc(evaluate.predict(net, test_set[0], torch.device("cpu")), test_set[1])
+    accuracy, auc = metrics.accuracy_auc(metrics.predict(net, test_set[0], torch.device("cpu")), test_set[1])
     assert accuracy > 0.9 and auc > 0.95
 
 

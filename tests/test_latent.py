@@ -11,6 +11,8 @@ from conftest import assert_user_error
 from PIL import Image
 
 import generate_images as gi
+import modules
+import projector
 import utils
 
 R, PAD = 32, 2  # smoke-preset resolution and grid padding
@@ -31,7 +33,7 @@ def run(checkpoint_dir, out, *flags):
 
 def state_and_G(run_dir):
     state, _ = utils.load_checkpoint(run_dir / "Models")
-    return state, gi.load_generator(state, torch.device("cpu"))
+    return state, utils.load_generator(state, torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -75,7 +77,7 @@ def test_noise_regularizer_penalises_correlated_noise():
     white = torch.randn(1, 1, 32, 32, generator=g)
     smooth = torch.nn.functional.interpolate(torch.randn(1, 1, 8, 8, generator=g), size=32, mode="bilinear")
     smooth = (smooth - smooth.mean()) / smooth.std()
-    assert gi.noise_regularizer([white]).item() < 0.01 < gi.noise_regularizer([smooth]).item()
+    assert projector.noise_regularizer([white]).item() < 0.01 < projector.noise_regularizer([smooth]).item()
 
 
 def test_discriminator_features_are_unit_per_pixel_and_distance_is_zero_only_for_equal_images():
@@ -83,19 +85,19 @@ def test_discriminator_features_are_unit_per_pixel_and_distance_is_zero_only_for
     torch.manual_seed(0)
     D = Discriminator(32, 1, channel_base=256, channel_max=16).eval()
     a, b = torch.randn(2, 1, 32, 32), torch.randn(2, 1, 32, 32)
-    fa = gi.discriminator_features(D, a)
+    fa = projector.discriminator_features(D, a)
     assert [f.shape[-1] for f in fa] == [32, 16, 8, 4]
     assert all(torch.allclose(f.norm(dim=1), torch.ones(2, f.shape[-1], f.shape[-1]), atol=0.05) for f in fa)
-    assert torch.equal(gi.feature_distance(fa, fa), torch.zeros(2))
-    far = gi.feature_distance(fa, gi.discriminator_features(D, b))
-    near = gi.feature_distance(fa, gi.discriminator_features(D, a + 0.05 * b))
+    assert torch.equal(projector.feature_distance(fa, fa), torch.zeros(2))
+    far = projector.feature_distance(fa, projector.discriminator_features(D, b))
+    near = projector.feature_distance(fa, projector.discriminator_features(D, a + 0.05 * b))
     assert (far > near).all() and (near > 0).all()
 
 
 def test_projection_lr_schedule():
-    assert gi.projection_lr(0.0, 0.1) == 0
-    assert gi.projection_lr(0.5, 0.1) == pytest.approx(0.1)
-    assert 0 < gi.projection_lr(0.9, 0.1) < 0.1 and gi.projection_lr(0.999, 0.1) < 0.001
+    assert projector.projection_lr(0.0, 0.1) == 0
+    assert projector.projection_lr(0.5, 0.1) == pytest.approx(0.1)
+    assert 0 < projector.projection_lr(0.9, 0.1) < 0.1 and projector.projection_lr(0.999, 0.1) < 0.001
 
 
 def test_separability_of_separable_and_random_classes():
@@ -207,8 +209,8 @@ def test_truncation_rows_per_class_and_psi(cond_run, tmp_path):
     assert torch.allclose(images[2], images[2, :1].expand(3, -1, -1, -1), atol=1e-5)  # psi 0: the class mean
     assert not torch.allclose(images[2, 0], images[5, 0], atol=1e-3)  # ... which differs by class
     assert not torch.allclose(images[0, 0], images[0, 1], atol=1e-3)  # psi 1: seeds differ
-    expected = gi.generate(G, gi.seed_latents([1, 2, 3], G.z_dim), torch.tensor([1, 1, 1]), 1.0, "const", 4,
-                           torch.device("cpu"))
+    z = utils.seed_latents([1, 2, 3], G.z_dim)
+    expected = utils.images_from_latents(G, z, torch.tensor([1, 1, 1]), 1.0, "const", 4, torch.device("cpu"))
     assert torch.allclose(images[3], expected, atol=1e-6)  # NC psi 1 = plain NC samples
     assert run(cond_run, tmp_path, "--mode", "truncation", "--seeds", "1,2,3") == 0
     assert read(tmp_path / "truncation.png").ndim == 3  # a labelled figure
@@ -237,7 +239,7 @@ def test_projection_lowers_pixel_loss_and_writes_outputs(cond_run, data, tmp_pat
     w = np.load(f"{stem}_w.npy")
     state, G = state_and_G(cond_run)
     assert w.shape == (state["model_args"]["G"]["w_dim"],)
-    assert len(np.load(f"{stem}_noise.npz").files) == sum(isinstance(m, gi.NoiseInjection) for m in G.modules())
+    assert len(np.load(f"{stem}_noise.npz").files) == sum(isinstance(m, modules.NoiseInjection) for m in G.modules())
     assert read(f"{stem}_steps.png").shape == (PAD + R + PAD, PAD + 5 * (R + PAD))  # 4 snapshots + target
     with Image.open(f"{stem}_steps.gif") as gif:
         assert gif.n_frames == 6

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-import generate_images
 import train
+import training
 import utils
 
 STEPS = 200
@@ -37,9 +37,9 @@ def mean_image_l1(fake, real):
 
 def distances(checkpoint_dir, real):
     state, _ = utils.load_checkpoint(checkpoint_dir)
-    G = generate_images.load_generator(state, torch.device("cpu"))
+    G = utils.load_generator(state, torch.device("cpu"))
     z = torch.randn(512, G.z_dim, generator=torch.Generator().manual_seed(123))
-    fake = generate_images.generate(G, z, None, 1.0, "random", 256, torch.device("cpu"))
+    fake = utils.images_from_latents(G, z, None, 1.0, "random", 256, torch.device("cpu"))
     return pixel_w1(fake, real), mean_image_l1(fake, real)
 
 
@@ -76,7 +76,7 @@ def test_generator_learns_the_distribution(tmp_path, start):
 def test_wrong_generator_loss_sign_does_not_learn(tmp_path, start, monkeypatch):
     """The statistic above must catch a broken loss: with the generator loss sign flipped the
     generator is pushed away from the data: the same run either diverges or does not get close."""
-    monkeypatch.setattr(train, "g_wgan_loss", lambda fake_pred: fake_pred.mean())
+    monkeypatch.setattr(training, "g_wgan_loss", lambda fake_pred: fake_pred.mean())
     w1_0, l1_0 = start
     result = train_squares(tmp_path, STEPS)
     if result is None:

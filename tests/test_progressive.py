@@ -6,6 +6,7 @@ from conftest import smoke
 
 import generate_images
 import train
+import training
 import utils
 from modules import Generator, at_growth_level
 
@@ -75,13 +76,13 @@ def test_reals_at_a_growth_level_keep_only_its_detail():
 
 def test_progressive_run_shows_d_reals_at_the_level_grows_and_resumes(data, tmp_path, monkeypatch):
     seen = []
-    d_step = train.d_step
+    d_step = training.d_step
 
     def recording(run, cfg, real, labels, regularize):
         seen.append((run.G.synthesis.level, variation(real)))
         return d_step(run, cfg, real, labels, regularize)
 
-    monkeypatch.setattr(train, "d_step", recording)
+    monkeypatch.setattr(training, "d_step", recording)
     flags = ["--progressive", "--progressive-kimg", "0.032", "--epochs", "3", "--eval-every", "0", "--device", "cpu"]
     # smoke preset, batch 8: 32 images per resolution, so 16 at a level and 16 fading in the next
     assert train.main(smoke(data, tmp_path / "straight", "--max-steps", "13", *flags)) == 0
@@ -92,12 +93,12 @@ def test_progressive_run_shows_d_reals_at_the_level_grows_and_resumes(data, tmp_
 
     state, _ = utils.load_checkpoint(tmp_path / "straight" / "Models")
     assert utils.checkpoint_growth_level(state) is None  # fully grown: generates at full resolution
-    monkeypatch.setattr(train, "d_step", d_step)
+    monkeypatch.setattr(training, "d_step", d_step)
     split = tmp_path / "split"
     assert train.main(smoke(data, split, "--max-steps", "3", *flags)) == 0
     middle, _ = utils.load_checkpoint(split / "Models")
     assert utils.checkpoint_growth_level(middle) == 0.5  # after 24 images: fading in 8x8
-    assert generate_images.load_generator(middle, torch.device("cpu")).synthesis.level == 0.5
+    assert utils.load_generator(middle, torch.device("cpu")).synthesis.level == 0.5
     assert generate_images.main(["--checkpoint", str(split / "Models"), "--out-dir", str(tmp_path / "gen"),
                                  "--n", "2"]) == 0
     assert train.main(["--resume", "--out-dir", str(split), "--max-steps", "13"]) == 0

@@ -17,6 +17,7 @@ from PIL import Image
 import generate_images
 import ops
 import train
+import training
 import utils
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def test_checkpoint_of_an_older_version_resumes_with_defaults_for_newer_settings
 
 
 def test_stop_signal_saves_a_checkpoint_and_resume_continues(data, tmp_path, monkeypatch):
-    real_ema_update = train.ema_update
+    real_ema_update = training.ema_update
     calls = []
 
     def ema_then_signal(*args):
@@ -84,10 +85,10 @@ def test_stop_signal_saves_a_checkpoint_and_resume_continues(data, tmp_path, mon
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(train, "ema_update", ema_then_signal)
+    monkeypatch.setattr(training, "ema_update", ema_then_signal)
     assert train.main(smoke(data, tmp_path, "--epochs", "50")) == 128 + signal.SIGTERM
     assert [p.name for p in utils.list_checkpoints(tmp_path / "Models")] == ["checkpoint_00000002.pt"]
-    monkeypatch.setattr(train, "ema_update", real_ema_update)
+    monkeypatch.setattr(training, "ema_update", real_ema_update)
     assert train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "4"]) == 0
     state, _ = utils.load_checkpoint(tmp_path / "Models")
     assert state["step"] == 4 and len(state["history"]["loss_gen"]) == 4
@@ -96,14 +97,14 @@ def test_stop_signal_saves_a_checkpoint_and_resume_continues(data, tmp_path, mon
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch, capsys):
     assert train.main(smoke(data, tmp_path, "--max-steps", "6")) == 0  # one epoch: checkpoint at step 6
     before = (tmp_path / "Models" / "checkpoint_00000006.pt").read_bytes()
-    real_loss, calls = train.d_wgan_loss, []
+    real_loss, calls = training.d_wgan_loss, []
 
     def nan_on_third_call(*args):
         calls.append(1)
         loss = real_loss(*args)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(train, "d_wgan_loss", nan_on_third_call)
+    monkeypatch.setattr(training, "d_wgan_loss", nan_on_third_call)
     assert train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "20"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "non-finite loss_critic" in err[0] and "step 8" in err[0]
@@ -190,8 +191,8 @@ def test_winograd_training_follows_the_direct_convolution(data, tmp_path, monkey
 
 def test_amp_is_a_cuda_setting():
     cfg = utils.resolve_settings({"AMP": True}, "", "smoke")
-    run = train.build_run(cfg, SimpleNamespace(class_names=["AD", "NC"], channels=1), torch.device("cpu"))
-    assert run.amp is False and isinstance(train.autocast(run), contextlib.nullcontext)  # no bf16 on the CPU
+    run = training.build_run(cfg, SimpleNamespace(class_names=["AD", "NC"], channels=1), torch.device("cpu"))
+    assert run.amp is False and isinstance(training.autocast(run), contextlib.nullcontext)  # no bf16 on the CPU
 
 
 def test_spectral_norm_and_attention_train_resume_and_are_part_of_the_architecture(data, tmp_path, capsys):
@@ -218,11 +219,11 @@ def test_wgan_r1_adds_an_r1_penalty_to_the_gradient_penalty():
     for gamma in (0.0, 5.0):
         cfg = utils.resolve_settings({"LOSS": "wgan-gp", "WGAN_R1_GAMMA": gamma}, "", "smoke")
         torch.manual_seed(0)
-        run = train.build_run(cfg, data, torch.device("cpu"))
+        run = training.build_run(cfg, data, torch.device("cpu"))
         torch.manual_seed(1)
-        stats[gamma] = train.d_step(run, cfg, real, None, regularize=True)
+        stats[gamma] = training.d_step(run, cfg, real, None, regularize=True)
     assert "r1" not in stats[0.0] and stats[5.0]["r1"] > 0
     assert stats[0.0]["gp"] == stats[5.0]["gp"]  # the same gradient penalty, logged as gp
     assert stats[5.0]["grad_d_reg"] != stats[0.0]["grad_d_reg"]  # and the R1 term in the update
     only_r1 = utils.resolve_settings({"LOSS": "wgan-gp", "GP_LAMBDA": 0, "WGAN_R1_GAMMA": 1.0}, "", "smoke")
-    assert train.reg_intervals(only_r1)["D"] == only_r1.d_reg_interval
+    assert training.reg_intervals(only_r1)["D"] == only_r1.d_reg_interval

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import losses
 import ops
 import utils
 from utils import UserError
@@ -33,14 +34,14 @@ def test_gradient_penalty_linear_critic(scale):
     a = torch.randn(1, 2, 3, 3)
     a = a / a.norm() * scale  # ||a|| == scale exactly
     real, fake = torch.randn(5, 2, 3, 3), torch.randn(5, 2, 3, 3)
-    gp = utils.gradient_penalty(linear_critic(a), real, fake)
+    gp = losses.gradient_penalty(linear_critic(a), real, fake)
     assert gp.item() == pytest.approx((scale - 1) ** 2, rel=1e-5, abs=1e-7)
 
 
 def test_gradient_penalty_hand_computed_and_differentiable():
     a = torch.tensor([3.0, 4.0]).reshape(1, 1, 1, 2).requires_grad_(True)  # ||a|| = 5
     real, fake = torch.zeros(3, 1, 1, 2), torch.ones(3, 1, 1, 2)
-    gp = utils.gradient_penalty(linear_critic(a), real, fake)
+    gp = losses.gradient_penalty(linear_critic(a), real, fake)
     assert gp.item() == pytest.approx(16.0, rel=1e-6)
     gp.backward()  # d/da (||a|| - 1)^2 = 2 (||a|| - 1) a / ||a||
     assert torch.allclose(a.grad.flatten(), 2 * 4 * torch.tensor([3.0, 4.0]) / 5, atol=1e-5)
@@ -50,7 +51,7 @@ def test_gradient_penalty_evaluated_between_real_and_fake():
     """A critic whose gradient depends on x: f(x) = 0.5 * sum(x^2) -> grad = x_hat; with real == fake
     the interpolation is exactly that point whatever alpha is."""
     x = torch.full((4, 1, 2, 2), 0.25)  # ||x_hat|| = 0.5
-    gp = utils.gradient_penalty(lambda v: 0.5 * v.square().sum(dim=(1, 2, 3)), x, x.clone())
+    gp = losses.gradient_penalty(lambda v: 0.5 * v.square().sum(dim=(1, 2, 3)), x, x.clone())
     assert gp.item() == pytest.approx(0.25, rel=1e-6)
 
 
@@ -60,7 +61,7 @@ def test_r1_penalty_linear_critic(scale):
     a = torch.randn(1, 1, 4, 4)
     a = a / a.norm() * scale
     real = torch.randn(6, 1, 4, 4, requires_grad=True)
-    r1 = utils.r1_penalty(linear_critic(a)(real), real)
+    r1 = losses.r1_penalty(linear_critic(a)(real), real)
     assert r1.item() == pytest.approx(scale**2, rel=1e-5)
 
 
@@ -77,7 +78,7 @@ def test_path_length_penalty_linear_synthesis():
     img, ws, M = _linear_synthesis(4, trainable=True)
     pl_mean, decay = torch.tensor(0.7), 0.3
     torch.manual_seed(123)
-    penalty, new_mean = utils.path_length_penalty(img, ws, pl_mean, decay)
+    penalty, new_mean = losses.path_length_penalty(img, ws, pl_mean, decay)
     # reproduce the noise the function drew, then the Jacobian-vector product by hand
     torch.manual_seed(123)
     noise = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
@@ -95,14 +96,14 @@ def test_path_length_penalty_linear_synthesis():
 def test_path_length_penalty_zero_when_lengths_equal_new_mean():
     img, ws, _ = _linear_synthesis(1, seed=4)
     torch.manual_seed(7)
-    _, length = utils.path_length_penalty(img, ws, torch.tensor(0.0), 1.0)  # decay 1: new mean = length
+    _, length = losses.path_length_penalty(img, ws, torch.tensor(0.0), 1.0)  # decay 1: new mean = length
     assert length.item() > 0
     torch.manual_seed(7)  # the same noise, running mean already at that length
-    penalty, new_mean = utils.path_length_penalty(img, ws, length.clone(), 0.25)
+    penalty, new_mean = losses.path_length_penalty(img, ws, length.clone(), 0.25)
     assert new_mean.item() == pytest.approx(length.item(), rel=1e-6)
     assert penalty.item() == pytest.approx(0.0, abs=1e-10)
     torch.manual_seed(7)  # and a running mean away from it gives a positive penalty
-    penalty2, _ = utils.path_length_penalty(img, ws, length * 2, 0.25)
+    penalty2, _ = losses.path_length_penalty(img, ws, length * 2, 0.25)
     assert penalty2.item() == pytest.approx((0.75 * length.item()) ** 2, rel=1e-4)
 
 
@@ -115,28 +116,28 @@ FAKE = torch.tensor([-1.0, 0.5])
 
 def test_d_wgan_loss_with_drift():
     expected = (-0.25) - 2.0 + 0.01 * (1 + 4 + 9) / 3
-    assert utils.d_wgan_loss(REAL, FAKE, 0.01).item() == pytest.approx(expected, rel=1e-6)
-    assert utils.d_wgan_loss(REAL, FAKE, 0.0).item() == pytest.approx(-2.25, rel=1e-6)
+    assert losses.d_wgan_loss(REAL, FAKE, 0.01).item() == pytest.approx(expected, rel=1e-6)
+    assert losses.d_wgan_loss(REAL, FAKE, 0.0).item() == pytest.approx(-2.25, rel=1e-6)
 
 
 def test_g_wgan_loss():
-    assert utils.g_wgan_loss(FAKE).item() == pytest.approx(0.25, rel=1e-6)
+    assert losses.g_wgan_loss(FAKE).item() == pytest.approx(0.25, rel=1e-6)
 
 
 def test_d_logistic_loss():
     expected = (softplus(-1.0) + softplus(0.5)) / 2 + (softplus(-1.0) + softplus(-2.0) + softplus(-3.0)) / 3
-    assert utils.d_logistic_loss(REAL, FAKE).item() == pytest.approx(expected, rel=1e-6)
+    assert losses.d_logistic_loss(REAL, FAKE).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_g_nonsaturating_loss():
     expected = (softplus(1.0) + softplus(-0.5)) / 2
-    assert utils.g_nonsaturating_loss(FAKE).item() == pytest.approx(expected, rel=1e-6)
+    assert losses.g_nonsaturating_loss(FAKE).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_logistic_losses_are_stable_for_large_scores():
     big = torch.tensor([100.0, -100.0])
-    assert torch.isfinite(utils.d_logistic_loss(big, big))
-    assert utils.g_nonsaturating_loss(torch.tensor([-100.0])).item() == pytest.approx(100.0, rel=1e-6)
+    assert torch.isfinite(losses.d_logistic_loss(big, big))
+    assert losses.g_nonsaturating_loss(torch.tensor([-100.0])).item() == pytest.approx(100.0, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------
