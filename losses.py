@@ -51,3 +51,53 @@ def path_length_penalty(fake_img, ws, pl_mean, decay):
     lengths = grad.square().sum(2).mean(1).sqrt()  # (N, num_ws, w_dim) -> (N,)
     new_mean = pl_mean.lerp(lengths.mean().detach(), decay)
     return (lengths - new_mean).square().mean(), new_mean
+
+
+# ---------------------------------------------------------------------------------------
+# The chosen objective: the loss is picked once, here
+# ---------------------------------------------------------------------------------------
+class Objective:
+    """D's and G's losses and D's lazy penalty for one choice of loss: WGAN-GP (critic loss with
+    drift, gradient penalty, optionally R1 beside it) or the non-saturating logistic loss with R1."""
+
+    def __init__(self, loss, drift=0.0, gp_lambda=0.0, r1_gamma=0.0):
+        self.wgan = loss == "wgan-gp"
+        self.drift = drift
+        self.gp_lambda = gp_lambda if self.wgan else 0.0
+        self.r1_gamma = r1_gamma
+
+    @staticmethod
+    def from_settings(cfg):
+        """The objective of a run's settings (LOSS; GP_LAMBDA, DRIFT and WGAN_R1_GAMMA, or R1_GAMMA)."""
+        wgan = cfg.loss == "wgan-gp"
+        return Objective(cfg.loss, cfg.drift, cfg.gp_lambda, cfg.wgan_r1_gamma if wgan else cfg.r1_gamma)
+
+    @property
+    def has_d_penalty(self):
+        return self.gp_lambda > 0 or self.r1_gamma > 0
+
+    def d_loss(self, real_pred, fake_pred):
+        return d_wgan_loss(real_pred, fake_pred, self.drift) if self.wgan else d_logistic_loss(real_pred, fake_pred)
+
+    def g_loss(self, fake_pred):
+        return g_wgan_loss(fake_pred) if self.wgan else g_nonsaturating_loss(fake_pred)
+
+    def real_sign(self, real_pred, fake_pred):
+        """ADA's r_t term, E[sign(D(real))]; a WGAN critic has no fixed zero, so there the reals' scores
+        are taken relative to the mean fake score."""
+        zero = fake_pred.mean() if self.wgan else 0.0
+        return (real_pred - zero).sign().mean().detach()
+
+    def d_penalty(self, critic, real, fake):
+        """D's penalty (before the lazy-regularisation gain) and what to log: the gradient penalty
+        (WGAN-GP) or R1 as `gp`; R1 beside the gradient penalty as `r1`."""
+        total, logged = 0.0, {}
+        if self.gp_lambda > 0:
+            gp = gradient_penalty(critic, real, fake)
+            total, logged["gp"] = gp * self.gp_lambda, gp
+        if self.r1_gamma > 0:
+            real = real.detach().requires_grad_(True)
+            r1 = r1_penalty(critic(real), real)
+            total = total + r1 * (self.r1_gamma / 2)
+            logged["r1" if logged else "gp"] = r1
+        return total, {k: v.detach() for k, v in logged.items()}

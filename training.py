@@ -7,21 +7,14 @@ import copy
 import math
 import os
 import sys
-from types import SimpleNamespace
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 
 from augment import AugmentPipe, ada_update, random_flips, random_rotation_and_jitter
 from dataset import to_model_range
-from losses import (
-    d_logistic_loss,
-    d_wgan_loss,
-    g_nonsaturating_loss,
-    g_wgan_loss,
-    gradient_penalty,
-    path_length_penalty,
-    r1_penalty,
-)
+from losses import Objective, path_length_penalty
 from modules import Discriminator, Generator, at_growth_level
 from ops import use_fast_kernels
 from utils import (
@@ -51,13 +44,43 @@ class Diverged(Exception):
 # ---------------------------------------------------------------------------------------
 def reg_intervals(cfg):
     """Lazy regularisation as data: {network: iterations between its penalty (0: none)}."""
-    d_weight = cfg.gp_lambda + cfg.wgan_r1_gamma if cfg.loss == "wgan-gp" else cfg.r1_gamma
-    return {"G": cfg.pl_interval if cfg.pl_weight > 0 else 0, "D": cfg.d_reg_interval if d_weight > 0 else 0}
+    d_penalty = Objective.from_settings(cfg).has_d_penalty
+    return {"G": cfg.pl_interval if cfg.pl_weight > 0 else 0, "D": cfg.d_reg_interval if d_penalty else 0}
 
 
 def lazy_ratio(interval):
     """A penalty every r steps takes 1/(r+1) of the optimiser steps: Adam's lr and betas use c = r/(r+1)."""
     return interval / (interval + 1) if interval else 1.0
+
+
+@dataclass
+class TrainingRun:
+    """Everything a run changes as it trains (and its checkpoints keep)."""
+    G: nn.Module  # the generator being trained
+    D: nn.Module  # the discriminator
+    G_ema: nn.Module  # the moving average of G: samples, evaluations, generate_images.py
+    opt_G: torch.optim.Optimizer
+    opt_D: torch.optim.Optimizer
+    model_args: dict  # the networks' constructor arguments, kept in checkpoints
+    objective: Objective  # the chosen loss: D's and G's losses and D's penalty
+    synthesis: nn.Module  # G.synthesis, or its torch.compile'd form (--compile)
+    D_main: nn.Module  # D, or its compiled form: the main D forward passes
+    amp: bool  # bf16 autocast of the forward passes (CUDA with --amp)
+    intervals: dict  # {"G" | "D": iterations between its lazy penalty, 0: none}
+    class_names: list
+    device: torch.device
+    augment: nn.Module | None  # the ADA pipeline (--augment ada|fixed), or None
+    aug_p: float  # its probability p
+    pl_mean: torch.Tensor  # running mean path length
+    ada_signs: list = field(default_factory=list)  # r_t terms since the last update of p
+    step: int = 0  # iterations done
+    epoch: int = 0
+    epoch_step: int = 0  # iterations done in the current epoch
+    nimg: int = 0  # real images shown to D
+    history: dict = field(default_factory=lambda: {k: [] for k in HISTORY_KEYS})  # per-iteration losses
+    metrics: list = field(default_factory=list)  # evaluations during training
+    last: dict = field(default_factory=dict)  # the latest loss values (progress bar)
+    board: object = None  # TensorBoard writer (--tensorboard)
 
 
 def build_run(cfg, data, device):
@@ -82,13 +105,13 @@ def build_run(cfg, data, device):
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.g_lr, betas=betas["G"])
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.d_lr, betas=betas["D"])
     synthesis, D_main = compiled([G.synthesis, D], device) if cfg.compile else (G.synthesis, D)
-    return SimpleNamespace(G=G, D=D, G_ema=G_ema, opt_G=opt_G, opt_D=opt_D, model_args=model_args,
-                           synthesis=synthesis, D_main=D_main, amp=cfg.amp and device.type == "cuda",
-                           augment=AugmentPipe() if cfg.augment != "none" else None,
-                           aug_p=cfg.augment_p if cfg.augment != "none" else 0.0, ada_signs=[],
-                           intervals=intervals, class_names=data.class_names, device=device,
-                           pl_mean=torch.zeros([], device=device), step=0, epoch=0, epoch_step=0, nimg=0,
-                           history={k: [] for k in HISTORY_KEYS}, metrics=[], last={}, board=None)
+    return TrainingRun(G=G, D=D, G_ema=G_ema, opt_G=opt_G, opt_D=opt_D, model_args=model_args,
+                       objective=Objective.from_settings(cfg), synthesis=synthesis,
+                       D_main=D_main, amp=cfg.amp and device.type == "cuda", intervals=intervals,
+                       class_names=list(data.class_names), device=device,
+                       augment=AugmentPipe() if cfg.augment != "none" else None,
+                       aug_p=cfg.augment_p if cfg.augment != "none" else 0.0,
+                       pl_mean=torch.zeros([], device=device))
 
 
 def compiled(modules, device):
@@ -156,52 +179,31 @@ def discriminate(run, images, labels):
         return run.D_main(augment(run, images), labels).float()
 
 
-def overfitting_sign(real_pred, fake_pred, loss):
-    """ADA's r_t term, E[sign(D(real))]; a WGAN critic has no fixed zero, so there the reals' scores
-    are taken relative to the mean fake score."""
-    zero = fake_pred.mean() if loss == "wgan-gp" else 0.0
-    return (real_pred - zero).sign().mean().detach()
-
-
 def d_step(run, cfg, real, labels, regularize):
-    D = run.D
+    """D's main step on a real batch and a generated one, then (when due) its lazy penalty."""
     z = torch.randn(len(real), cfg.z_dim, device=real.device)
     with torch.no_grad():
         fake = generate_fakes(run, cfg, z, labels).float()
     real_pred, fake_pred = discriminate(run, real, labels), discriminate(run, fake, labels)
-    if cfg.loss == "wgan-gp":
-        loss = d_wgan_loss(real_pred, fake_pred, cfg.drift)
-    else:
-        loss = d_logistic_loss(real_pred, fake_pred)
+    loss = run.objective.d_loss(real_pred, fake_pred)
     stats = dict(loss_critic=loss.detach(), real_score=real_pred.mean().detach(),
                  fake_score=fake_pred.mean().detach(), grad_d=optimizer_step(run.opt_D, loss))
     if run.augment is not None:
-        stats["real_sign"] = overfitting_sign(real_pred, fake_pred, cfg.loss)
+        stats["real_sign"] = run.objective.real_sign(real_pred, fake_pred)
     if regularize:
-        total, shown = 0.0, None  # the penalty's loss, and the value logged as `gp`
-        if cfg.loss == "wgan-gp" and cfg.gp_lambda > 0:
-            gp = gradient_penalty(lambda x: D(augment(run, x), labels), real, fake)
-            total, shown = gp * cfg.gp_lambda, gp
-        r1_gamma = cfg.r1_gamma if cfg.loss == "logistic" else cfg.wgan_r1_gamma  # seed 002: R1 beside the GP
-        if r1_gamma > 0:
-            real = real.detach().requires_grad_(True)
-            r1 = r1_penalty(D(augment(run, real), labels), real)
-            total = total + r1 * (r1_gamma / 2)
-            if shown is None:
-                shown = r1
-            else:  # beside the gradient penalty: logged on its own
-                stats["r1"] = r1.detach()
-        stats["grad_d_reg"] = optimizer_step(run.opt_D, total * run.intervals["D"])
-        stats["gp"] = shown.detach()
+        penalty, logged = run.objective.d_penalty(lambda x: run.D(augment(run, x), labels), real, fake)
+        stats["grad_d_reg"] = optimizer_step(run.opt_D, penalty * run.intervals["D"])
+        stats.update(logged)
     return stats
 
 
 def g_step(run, cfg, labels, batch_size, regularize):
+    """G's main step, then (when due) the path-length penalty on a fraction of the batch."""
     G, D = run.G, run.D
     D.requires_grad_(False)
     z = torch.randn(batch_size, cfg.z_dim, device=run.device)
     fake_pred = discriminate(run, generate_fakes(run, cfg, z, labels, update_w_avg=True), labels)
-    loss = g_wgan_loss(fake_pred) if cfg.loss == "wgan-gp" else g_nonsaturating_loss(fake_pred)
+    loss = run.objective.g_loss(fake_pred)
     stats = dict(loss_gen=loss.detach(), grad_g=optimizer_step(run.opt_G, loss))
     if regularize:
         n = max(1, batch_size // cfg.pl_batch_shrink)

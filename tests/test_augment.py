@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import assert_user_error, smoke
 
+import losses
 import train
 import training
 import utils
@@ -63,8 +64,8 @@ def test_ada_update_moves_p_toward_less_overfitting():
 
 def test_overfitting_sign():
     real, fake = torch.tensor([2.5, 1.0, -1.0, 3.0]), torch.tensor([1.5, 2.5])
-    assert training.overfitting_sign(real, fake, "logistic").item() == 0.5  # sign(D(real)): 3 of 4 positive
-    assert training.overfitting_sign(real, fake, "wgan-gp").item() == 0.0  # vs the mean fake score 2: 2 above, 2 below
+    assert losses.Objective("logistic").real_sign(real, fake).item() == 0.5  # sign(D(real)): 3 of 4 positive
+    assert losses.Objective("wgan-gp").real_sign(real, fake).item() == 0.0  # vs the mean fake score 2: 2 above, 2 below
 
 
 def test_p_rises_when_d_is_overconfident_on_reals():

@@ -28,7 +28,7 @@ def test_flop_count_of_a_convolution_forward_and_backward():
 
 @pytest.mark.parametrize("loss,pl_weight,expected", [("wgan-gp", 2.0, 8), ("logistic", 0.0, 4), ("logistic", 2.0, 8)])
 def test_cycle_length_is_the_lcm_of_the_penalty_intervals(loss, pl_weight, expected):
-    cfg = SimpleNamespace(loss=loss, gp_lambda=10.0, r1_gamma=1.0, wgan_r1_gamma=0.0, d_reg_interval=4,
+    cfg = SimpleNamespace(loss=loss, gp_lambda=10.0, drift=0.001, r1_gamma=1.0, wgan_r1_gamma=0.0, d_reg_interval=4,
                           pl_weight=pl_weight, pl_interval=8)
     assert bench.cycle_length(cfg) == expected
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+import losses
 import train
-import training
 import utils
 
 STEPS = 200
@@ -76,7 +76,7 @@ def test_generator_learns_the_distribution(tmp_path, start):
 def test_wrong_generator_loss_sign_does_not_learn(tmp_path, start, monkeypatch):
     """The statistic above must catch a broken loss: with the generator loss sign flipped the
     generator is pushed away from the data: the same run either diverges or does not get close."""
-    monkeypatch.setattr(training, "g_wgan_loss", lambda fake_pred: fake_pred.mean())
+    monkeypatch.setattr(losses, "g_wgan_loss", lambda fake_pred: fake_pred.mean())
     w1_0, l1_0 = start
     result = train_squares(tmp_path, STEPS)
     if result is None:

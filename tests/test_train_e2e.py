@@ -15,6 +15,7 @@ from conftest import assert_user_error, smoke
 from PIL import Image
 
 import generate_images
+import losses
 import ops
 import train
 import training
@@ -97,14 +98,14 @@ def test_stop_signal_saves_a_checkpoint_and_resume_continues(data, tmp_path, mon
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch, capsys):
     assert train.main(smoke(data, tmp_path, "--max-steps", "6")) == 0  # one epoch: checkpoint at step 6
     before = (tmp_path / "Models" / "checkpoint_00000006.pt").read_bytes()
-    real_loss, calls = training.d_wgan_loss, []
+    real_loss, calls = losses.d_wgan_loss, []
 
     def nan_on_third_call(*args):
         calls.append(1)
         loss = real_loss(*args)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(training, "d_wgan_loss", nan_on_third_call)
+    monkeypatch.setattr(losses, "d_wgan_loss", nan_on_third_call)
     assert train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "20"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "non-finite loss_critic" in err[0] and "step 8" in err[0]

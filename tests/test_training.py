@@ -36,7 +36,7 @@ class Recorder:
 def test_r1_is_taken_on_the_real_batch(monkeypatch):
     cfg, run, real = setup(loss="logistic", r1_gamma=1.0)
     spy = Recorder(losses.r1_penalty)
-    monkeypatch.setattr(training, "r1_penalty", spy)
+    monkeypatch.setattr(losses, "r1_penalty", spy)
     training.d_step(run, cfg, real, None, regularize=True)
     (args, _), = spy.calls
     assert torch.equal(args[1], real)
@@ -45,7 +45,7 @@ def test_r1_is_taken_on_the_real_batch(monkeypatch):
 def test_the_gradient_penalty_sees_the_real_and_the_generated_batch(monkeypatch):
     cfg, run, real = setup(loss="wgan-gp")
     spy = Recorder(losses.gradient_penalty)
-    monkeypatch.setattr(training, "gradient_penalty", spy)
+    monkeypatch.setattr(losses, "gradient_penalty", spy)
     training.d_step(run, cfg, real, None, regularize=True)
     (args, _), = spy.calls
     assert torch.equal(args[1], real) and args[2].shape == real.shape and not torch.allclose(args[2], real)
