@@ -346,71 +346,86 @@ def train_on(cfg, state, rank, world_size, device):
     if world_size > 1:  # each process draws its own latents and flips from here on
         seed_everything(cfg.seed + 1_000_003 * rank + run.step)
     main_process = rank == 0
-    evaluator, metric = make_evaluator(cfg, data, device) if main_process else (None, None)
     run.board = open_tensorboard(cfg) if main_process else None
     if run.epoch_step >= sampler.steps_per_epoch:
         run.epoch, run.epoch_step = run.epoch + 1, 0
-    out = Path(cfg.out_dir)
-    models, samples = out / "Models", out / "saved_examples" / f"{cfg.resolution}x{cfg.resolution}"
+    outputs = RunOutputs(run, cfg, state, main_process, make_evaluator(cfg, data, device) if main_process else None)
     if main_process:
-        save_json(config_dict(cfg), samples / "config.json")
-        save_reals(data, cfg, samples / "reals.png")
+        save_json(config_dict(cfg), outputs.samples / "config.json")
+        save_reals(data, cfg, outputs.samples / "reals.png")
     cache_on_device(data, cfg, device)
-    latents = fixed_latents(cfg, run.model_args["G"]["num_classes"], device)
     print(f"G {sum(p.numel() for p in run.G.parameters()) / 1e6:.2f}M params, "
           f"D {sum(p.numel() for p in run.D.parameters()) / 1e6:.2f}M params; "
-          f"{sampler.steps_per_epoch} iterations per epoch; outputs in {models} and {samples}")
-
-    kept = list_checkpoints(models)  # this run's checkpoints: Models/ holds no other run's (see settings)
-    written = {"step": state["step"] if state is not None and checkpoint_path(models, state["step"]).is_file()
-               else None}  # the step of the newest checkpoint in Models/ that holds this run's state
-
-    def save():
-        assert same_on_every_process([*run.G.parameters(), *run.D.parameters()]), "replicas diverged"
-        path = checkpoint_path(models, run.step)
-        if main_process and written["step"] != run.step:
-            save_checkpoint(checkpoint_state(run, cfg), path)
-            written["step"] = run.step
-            kept[:] = prune_checkpoints(kept + [path], cfg.keep_checkpoints)
-            plot_losses(run.history, samples / "losses.png")
-        return path
-
-    def save_best():
-        save_checkpoint(checkpoint_state(run, cfg), models / BEST_CHECKPOINT)
-
+          f"{sampler.steps_per_epoch} iterations per epoch; outputs in {outputs.models} and {outputs.samples}")
     try:
-        return train_loop(run, cfg, data, sampler, latents, evaluator, metric, save, save_best, samples,
-                          main_process)
+        return train_loop(run, cfg, data, sampler, outputs)
     finally:
         if run.board is not None:
             run.board.close()
 
 
-def train_loop(run, cfg, data, sampler, latents, evaluator, metric, save, save_best, samples, main_process):
-    """Epochs until EPOCHS, MAX_STEPS or a stop signal, with samples, evaluations and checkpoints
-    (written by the main process)."""
+class RunOutputs:
+    """What a run writes to OUT_DIR (the main process only): sample grids from fixed latents,
+    checkpoints (pruned to the run's own newest), evaluations and best.pt, the loss plot."""
+
+    def __init__(self, run, cfg, state, main_process, evaluation=None):
+        out = Path(cfg.out_dir)
+        self.models, self.samples = out / "Models", out / "saved_examples" / f"{cfg.resolution}x{cfg.resolution}"
+        self.run, self.cfg, self.main_process = run, cfg, main_process
+        self.evaluator, self.metric = evaluation or (None, None)
+        self.latents = fixed_latents(cfg, run.model_args["G"]["num_classes"], run.device)
+        self.kept = list_checkpoints(self.models)  # the run's checkpoints: Models/ holds no other run's
+        resumed = state is not None and checkpoint_path(self.models, state["step"]).is_file()
+        self.written = state["step"] if resumed else None  # the step the newest checkpoint holds
+
+    def grid(self, name):
+        if self.main_process:
+            save_samples(self.run, self.latents, self.samples / name)
+
+    def checkpoint(self):
+        """Write checkpoint_<step>.pt (once per step), prune, plot the losses; returns its path."""
+        run = self.run
+        assert same_on_every_process([*run.G.parameters(), *run.D.parameters()]), "replicas diverged"
+        path = checkpoint_path(self.models, run.step)
+        if self.main_process and self.written != run.step:
+            save_checkpoint(checkpoint_state(run, self.cfg), path)
+            self.written = run.step
+            self.kept = prune_checkpoints(self.kept + [path], self.cfg.keep_checkpoints)
+            plot_losses(run.history, self.samples / "losses.png")
+        return path
+
+    def evaluate(self, stop):
+        """Evaluate G_ema and keep best.pt (a write that a second Ctrl-C does not cut short)."""
+        best = stop.writing_checkpoint()(lambda: save_checkpoint(checkpoint_state(self.run, self.cfg),
+                                                                 self.models / BEST_CHECKPOINT))
+        evaluate_now(self.run, self.cfg, self.evaluator, self.metric, best, self.samples)
+
+
+def train_loop(run, cfg, data, sampler, outputs):
+    """Epochs until EPOCHS, MAX_STEPS or a stop signal, with samples, evaluations and checkpoints."""
     with StopSignal() as stop:
         finished = False
         while run.epoch < cfg.epochs and not finished and stop.signum is None:
             finished = run_epoch(run, cfg, data, sampler, stop)
             if run.epoch_step == sampler.steps_per_epoch:
                 run.epoch, run.epoch_step = run.epoch + 1, 0
-                if main_process and run.epoch % cfg.sample_every == 0:
-                    save_samples(run, latents, samples / f"epoch_{run.epoch:04d}.png")
-                if evaluator is not None and run.epoch % cfg.eval_every == 0:
-                    evaluate_now(run, cfg, evaluator, metric, stop.writing_checkpoint()(save_best), samples)
+                if run.epoch % cfg.sample_every == 0:
+                    outputs.grid(f"epoch_{run.epoch:04d}.png")
+                if outputs.evaluator is not None and run.epoch % cfg.eval_every == 0:
+                    outputs.evaluate(stop)
                 if run.epoch % cfg.checkpoint_every == 0:
                     with stop.writing_checkpoint():
-                        save()
-        if stop.signum is None and main_process:
-            save_samples(run, latents, samples / f"step_{run.step:08d}.png")
+                        outputs.checkpoint()
+        if stop.signum is None:
+            outputs.grid(f"step_{run.step:08d}.png")
         with stop.writing_checkpoint():
-            path = save()
+            path = outputs.checkpoint()
         if stop.signum is not None:
-            if main_process:
+            if outputs.main_process:
                 print(f"stopped at step {run.step}; checkpoint {path}; continue with --resume", file=sys.stderr)
             return 128 + stop.signum
-    print(f"done: {run.step} iterations, {run.nimg} images; checkpoint {path}; samples and losses.png in {samples}")
+    print(f"done: {run.step} iterations, {run.nimg} images; checkpoint {path}; samples and losses.png in "
+          f"{outputs.samples}")
     return 0
 
 
