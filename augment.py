@@ -101,6 +101,41 @@ def ada_update(p, rt, target, nimg, ada_kimg):
     return min(max(p + step * ((rt > target) - (rt < target)), 0.0), 1.0)
 
 
+class AugmentProbability:
+    """The probability p of the augmentation D sees: 0 (--augment none), fixed (fixed), or, with
+    --augment ada, moved every `interval` iterations by ADA's overfitting heuristic r_t, the mean
+    of E[sign(D(real))] over those iterations. Its state (p and the r_t terms since the last move)
+    goes into checkpoints as augment_p and ada_signs."""
+
+    def __init__(self, mode, p=0.0, target=0.6, interval=4, batch_size=1, ada_kimg=100.0):
+        self.mode, self.p = mode, p if mode != "none" else 0.0
+        self.target, self.interval, self.batch_size, self.ada_kimg = target, interval, batch_size, ada_kimg
+        self.signs = []
+
+    @staticmethod
+    def from_settings(cfg):
+        return AugmentProbability(cfg.augment, cfg.augment_p, cfg.ada_target, cfg.ada_interval, cfg.batch_size,
+                                  cfg.ada_kimg)
+
+    def update(self, real_sign):
+        """Record one iteration's r_t term; every `interval` of them, move p (ada only)."""
+        if self.mode != "ada":
+            return
+        self.signs.append(real_sign)
+        if len(self.signs) == self.interval:
+            rt = sum(self.signs) / len(self.signs)
+            self.p = ada_update(self.p, rt, self.target, self.interval * self.batch_size, self.ada_kimg)
+            self.signs = []
+
+    def state_dict(self):
+        return dict(augment_p=self.p, ada_signs=list(self.signs))
+
+    def load_state_dict(self, state):
+        """An ada run continues with its p (a fixed p is the setting's)."""
+        if self.mode == "ada":
+            self.p, self.signs = state.get("augment_p", self.p), list(state.get("ada_signs", []))
+
+
 # ---------------------------------------------------------------------------------------
 # Augmentation of the real images (the generator learns to reproduce these)
 # ---------------------------------------------------------------------------------------

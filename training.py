@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from augment import AugmentPipe, ada_update, random_flips, random_rotation_and_jitter
+from augment import AugmentPipe, AugmentProbability, random_flips, random_rotation_and_jitter
 from dataset import to_model_range
 from losses import Objective, path_length_penalty
 from modules import Discriminator, Generator, at_growth_level
@@ -70,9 +70,8 @@ class TrainingRun:
     class_names: list
     device: torch.device
     augment: nn.Module | None  # the ADA pipeline (--augment ada|fixed), or None
-    aug_p: float  # its probability p
+    aug: AugmentProbability  # its probability p (fixed, or adapted by ADA)
     pl_mean: torch.Tensor  # running mean path length
-    ada_signs: list = field(default_factory=list)  # r_t terms since the last update of p
     step: int = 0  # iterations done
     epoch: int = 0
     epoch_step: int = 0  # iterations done in the current epoch
@@ -110,7 +109,7 @@ def build_run(cfg, data, device):
                        D_main=D_main, amp=cfg.amp and device.type == "cuda", intervals=intervals,
                        class_names=list(data.class_names), device=device,
                        augment=AugmentPipe() if cfg.augment != "none" else None,
-                       aug_p=cfg.augment_p if cfg.augment != "none" else 0.0,
+                       aug=AugmentProbability.from_settings(cfg),
                        pl_mean=torch.zeros([], device=device))
 
 
@@ -170,7 +169,7 @@ def set_growth_level(run, cfg):
 
 def augment(run, images):
     """The augmentation every image D sees goes through (--augment ada|fixed), with probability p."""
-    return run.augment(images, run.aug_p) if run.augment is not None else images
+    return run.augment(images, run.aug.p) if run.augment is not None else images
 
 
 def discriminate(run, images, labels):
@@ -229,22 +228,13 @@ def train_step(run, cfg, data, idx):
     all_reduce_mean([values, run.G.mapping.w_avg, run.pl_mean])  # several processes: their mean
     ema_update(run.G_ema, run.G, ema_beta(cfg.batch_size, cfg.ema_kimg, cfg.ema_rampup, run.nimg))
     values = dict(zip(stats, values.tolist()))  # one sync
-    if cfg.augment == "ada":
-        adapt_augmentation(run, cfg, values["real_sign"])
-    values["aug_p"] = run.aug_p
+    if "real_sign" in values:  # with augmentation: ADA moves p by it
+        run.aug.update(values["real_sign"])
+    values["aug_p"] = run.aug.p
     for name, value in values.items():
         if not math.isfinite(value):
             raise Diverged(f"non-finite {name} ({value}) at step {run.step}")
     return values
-
-
-def adapt_augmentation(run, cfg, real_sign):
-    """Every ADA_INTERVAL iterations, move p by the overfitting heuristic r_t of those iterations."""
-    run.ada_signs.append(real_sign)
-    if len(run.ada_signs) == cfg.ada_interval:
-        rt = sum(run.ada_signs) / len(run.ada_signs)
-        run.aug_p = ada_update(run.aug_p, rt, cfg.ada_target, cfg.ada_interval * cfg.batch_size, cfg.ada_kimg)
-        run.ada_signs = []
 
 
 # ---------------------------------------------------------------------------------------
@@ -258,7 +248,7 @@ def checkpoint_state(run, cfg):
         G=run.G.state_dict(), D=run.D.state_dict(), G_ema=run.G_ema.state_dict(),
         opt_G=run.opt_G.state_dict(), opt_D=run.opt_D.state_dict(),
         step=run.step, epoch=run.epoch, epoch_nimg=run.epoch_step * cfg.batch_size, nimg=run.nimg,
-        pl_mean=run.pl_mean.detach().cpu(), augment_p=run.aug_p, ada_signs=list(run.ada_signs),
+        pl_mean=run.pl_mean.detach().cpu(), **run.aug.state_dict(),
         history={k: torch.tensor(v, dtype=torch.float32) for k, v in run.history.items()}, metrics=run.metrics,
         rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if cuda else []))
 
@@ -271,8 +261,7 @@ def restore(run, state, cfg, data):
     run.step, run.epoch, run.nimg = state["step"], state["epoch"], state["nimg"]
     run.epoch_step = state["epoch_nimg"] // cfg.batch_size
     run.pl_mean = state["pl_mean"].to(run.device)
-    if cfg.augment == "ada":  # p continues where it was (a fixed p is the setting's)
-        run.aug_p, run.ada_signs = state.get("augment_p", cfg.augment_p), list(state.get("ada_signs", []))
+    run.aug.load_state_dict(state)
     run.history = {k: state["history"][k].tolist() if k in state["history"] else [] for k in HISTORY_KEYS}
     run.metrics = list(state.get("metrics", []))
     torch.set_rng_state(state["rng"]["torch"])

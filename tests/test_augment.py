@@ -10,7 +10,7 @@ import losses
 import train
 import training
 import utils
-from augment import AugmentPipe, ada_update
+from augment import AugmentPipe, AugmentProbability, ada_update
 
 
 def images(n=8, size=16, channels=1, seed=0):
@@ -69,16 +69,23 @@ def test_overfitting_sign():
 
 
 def test_p_rises_when_d_is_overconfident_on_reals():
-    cfg = SimpleNamespace(ada_interval=4, ada_target=0.6, batch_size=16, ada_kimg=1.0)
-    run = SimpleNamespace(aug_p=0.0, ada_signs=[])
+    aug = AugmentProbability("ada", 0.0, target=0.6, interval=4, batch_size=16, ada_kimg=1.0)
     for _ in range(3):
-        training.adapt_augmentation(run, cfg, 0.95)
-    assert run.aug_p == 0.0 and len(run.ada_signs) == 3  # adjusted every ADA_INTERVAL iterations
-    training.adapt_augmentation(run, cfg, 0.95)
-    assert run.aug_p == pytest.approx(4 * 16 / 1000) and run.ada_signs == []
+        aug.update(0.95)
+    assert aug.p == 0.0 and len(aug.signs) == 3  # adjusted every ADA_INTERVAL iterations
+    aug.update(0.95)
+    assert aug.p == pytest.approx(4 * 16 / 1000) and aug.signs == []
     for _ in range(8):
-        training.adapt_augmentation(run, cfg, 0.1)  # D no longer overfits: p falls back
-    assert run.aug_p == 0.0
+        aug.update(0.1)  # D no longer overfits: p falls back
+    assert aug.p == 0.0
+    fixed = AugmentProbability("fixed", 0.3, interval=1)
+    fixed.update(1.0)
+    fixed.load_state_dict({"augment_p": 0.9, "ada_signs": []})
+    assert fixed.p == 0.3  # a fixed p is the setting's, before and after a resume
+    aug.update(0.95)
+    resumed = AugmentProbability("ada", 0.0, interval=4)
+    resumed.load_state_dict(aug.state_dict())
+    assert (resumed.p, resumed.signs) == (aug.p, aug.signs) and AugmentProbability("none", 0.5).p == 0.0
 
 
 def test_ada_training_logs_p_and_resumes_with_it(data, tmp_path):
