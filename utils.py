@@ -536,7 +536,8 @@ class RunLock:
             pid, host = (owner + ["?"])[:2]
             print(f"taking over {self.path}, left by PID {pid} on {host}, which is no longer running", file=sys.stderr)
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{me}\n".encode(), 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        os.write(self.fd, f"{me}\n".encode())
         return self
 
     def __exit__(self, *exc):
