@@ -36,6 +36,7 @@ from utils import (
 # ---------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------
+MEMORISATION_FIGURE = "memorisation.png"  # beside --out: the closest generated/training pairs
 DESCRIPTIONS = {
     "swd": "sliced Wasserstein distance x1e3, mean over pyramid levels (lower is better)",
     "ms_ssim_fake": "MS-SSIM of random generated pairs (close to real is good; higher: less diverse)",
@@ -49,6 +50,11 @@ DESCRIPTIONS = {
     "d_fake": "D's mean score on generated slices",
     "d_heldout": "D's mean score on held-out real slices (DATA_ROOT/test)",
     "d_overfit": "(d_real - d_heldout) / (d_real - d_fake): 0 D generalises, 1 D memorised the training set",
+    "nn_dist_fake": "mean RMS distance from a generated slice to its nearest training slice (pixels, [-1, 1])",
+    "nn_dist_heldout": "mean RMS distance from a held-out real slice to its nearest training slice",
+    "copy_rate": "share of generated slices nearer a training slice than 99% of held-out slices are (copies)",
+    "authenticity": "share of generated slices farther from their nearest training slice than its own "
+                    "nearest neighbour is (Alaa et al. 2022; higher is better)",
 }
 
 
@@ -99,6 +105,7 @@ def evaluate(cfg):
     inception = load_inception(cfg.inception_weights, device)
     evaluator = Evaluator(data.images, data.labels, cfg.n, cfg.seed, inception, cfg.batch, heldout_slices(run, data))
     metrics = evaluator(G, device, cfg.truncation, D)
+    evaluator.save_memorisation_figure(Path(cfg.out).with_name(MEMORISATION_FIGURE))
     results = dict(checkpoint=str(path), step=state["step"], nimg=state["nimg"], data_root=run.data_root,
                    n=evaluator.n, seed=cfg.seed, truncation=cfg.truncation, features=evaluator.feature_space,
                    metric_names=list(metrics), **metrics)

@@ -16,7 +16,7 @@ from torchvision.models.inception import Inception3, InceptionA, InceptionC, Inc
 from tqdm import tqdm
 
 from dataset import load_slices, to_model_range
-from utils import UserError, images_from_latents, quantize_uint8
+from utils import UserError, images_from_latents, quantize_uint8, save_grid
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE}"
@@ -226,6 +226,56 @@ def precision_recall(real, fake, k=3):
 def pixel_features(images, size=16):
     """Weight-free features: the images area-averaged to size x size, flattened: (N, C*size*size)."""
     return F.adaptive_avg_pool2d(images.float(), size).flatten(1)
+
+
+# ---------------------------------------------------------------------------------------
+# Memorisation: are generated slices copies of training slices?
+# ---------------------------------------------------------------------------------------
+MEMO_SIZE = 64  # images are compared at most 64x64 (area-averaged): pixel space, small enough to search
+
+
+def memo_features(images):
+    """Images (N, C, R, R) in [-1, 1] -> (N, C*S*S) with S = min(R, MEMO_SIZE), scaled so that the
+    Euclidean distance of two rows is the root-mean-square difference of the images."""
+    x = images.float()
+    if x.shape[-1] > MEMO_SIZE:
+        x = F.adaptive_avg_pool2d(x, MEMO_SIZE)
+    x = x.flatten(1)
+    return x / math.sqrt(x.shape[1])
+
+
+def nearest(query, reference, exclude_self=False, chunk=512):
+    """(distance, index) of each query row's nearest reference row; with exclude_self (query is
+    reference) each row's nearest other row."""
+    dists, index = [], []
+    for i in range(0, len(query), chunk):
+        d = torch.cdist(query[i:i + chunk], reference)
+        if exclude_self:
+            d[torch.arange(len(d)), torch.arange(i, i + len(d))] = math.inf
+        best = d.min(dim=1)
+        dists.append(best.values)
+        index.append(best.indices)
+    return torch.cat(dists), torch.cat(index)
+
+
+def memorisation(fake, train, heldout=None):
+    """Whether generated slices copy training slices, in pixel space (RMS difference, [-1, 1] units).
+
+    nn_dist_fake, nn_dist_heldout: mean distance from each generated (held-out real) slice to its
+    nearest training slice. copy_rate: the share of generated slices closer to a training slice than
+    the 1st percentile of the held-out-to-training distances (real slices of unseen subjects are
+    that close only 1% of the time). authenticity (Alaa et al. 2022): the share of generated slices
+    farther from their nearest training slice than that slice is from its own nearest other
+    training slice. Returns (figures, (distance, index of the nearest training slice) per fake)."""
+    fake, train = memo_features(fake), memo_features(train)
+    d_fake, idx = nearest(fake, train)
+    d_train, _ = nearest(train, train, exclude_self=True)
+    out = dict(nn_dist_fake=d_fake.mean().item(), authenticity=(d_fake > d_train[idx]).float().mean().item())
+    if heldout is not None:
+        d_heldout, _ = nearest(memo_features(heldout), train)
+        threshold = torch.quantile(d_heldout, 0.01)
+        out.update(nn_dist_heldout=d_heldout.mean().item(), copy_rate=(d_fake < threshold).float().mean().item())
+    return out, (d_fake, idx)
 
 
 # ---------------------------------------------------------------------------------------
@@ -477,7 +527,18 @@ class Evaluator:
             out["fid"] = frechet_distance(*self.real_stats, *feature_stats(features))
             out["kid"], out["kid_std"] = kernel_distance(self.real_features, features, self.seed)
         out["precision"], out["recall"] = precision_recall(self.real_features, features)
+        heldout = to_model_range(self.heldout[0]) if self.heldout is not None else None
+        figures, self.closest = memorisation(fake, to_model_range(self.real_uint8), heldout)
+        self.closest_fakes = fake
+        out.update(figures)
         return out
+
+    def save_memorisation_figure(self, path, pairs=8):
+        """The generated slices closest to a training slice (top row) above those training slices."""
+        d, idx = self.closest
+        order = d.argsort()[:pairs]
+        images = torch.cat([self.closest_fakes[order], to_model_range(self.real_uint8[idx[order]])])
+        save_grid(images, path, ncol=len(order))
 
 
 def best_metric(name, inception):

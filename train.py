@@ -68,7 +68,8 @@ from utils import (
 # Settings that define the network's shape: a resumed run must keep them.
 ARCHITECTURE = ("RESOLUTION", "IMAGE_MODE", "Z_DIM", "W_DIM", "MAPPING_LAYERS", "MAPPING_LR_MULT",
                 "CHANNEL_BASE", "CHANNEL_MAX", "CONDITIONAL", "MBSTD_GROUP", "SPECTRAL_NORM", "ATTENTION_RES")
-RUN_OUTPUTS = ("epoch_*.png", "step_*.png", "reals.png", "losses.png", "metrics.json", "metrics.png", "config.json")
+RUN_OUTPUTS = ("epoch_*.png", "step_*.png", "reals.png", "losses.png", "metrics.json", "metrics.png",
+               "memorisation.png", "config.json")
 EXTRA_FLAGS = [
     (("--preset",), dict(choices=sorted(constants.PRESETS), help="named set of settings from constants.PRESETS")),
     (("--resume",), dict(nargs="?", const=True, metavar="PATH",
@@ -237,11 +238,12 @@ def evaluate_now(run, cfg, evaluator, metric, save_best, samples):
     figures = evaluator(run.G_ema, run.device, D=run.D)
     previous = [m[metric] for m in run.metrics if metric in m]
     run.metrics.append(dict(epoch=run.epoch, step=run.step, nimg=run.nimg, **figures))
-    printed = ("swd", "fid", "kid", "ms_ssim_fake", "precision", "recall", "d_overfit")
+    printed = ("swd", "fid", "kid", "ms_ssim_fake", "precision", "recall", "d_overfit", "copy_rate")
     shown = {k: v for k, v in figures.items() if k in printed}
     tqdm.write(f"epoch {run.epoch} evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     save_json(run.metrics, samples / "metrics.json")
     plot_metrics(run.metrics, samples / "metrics.png")
+    evaluator.save_memorisation_figure(samples / "memorisation.png")
     if run.board is not None:
         for key, value in figures.items():
             run.board.add_scalar(f"metrics/{key}", value, run.step)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_user_error, smoke
+from PIL import Image
 
 import evaluate
 import metrics
@@ -298,6 +299,9 @@ def test_evaluate_cli_writes_json_and_markdown(cond_run, data, tmp_path, capsys)
     assert {"swd", "ms_ssim_fake", "ms_ssim_real", "precision", "recall", "d_overfit"} <= set(results)
     assert results["n"] == 32 and results["step"] == 12 and results["features"] == "pixels16"
     assert "fid" not in results and "FID/KID skipped" in capsys.readouterr().out
+    assert {"copy_rate", "authenticity", "nn_dist_fake", "nn_dist_heldout"} <= set(results)  # data has test/
+    figure = np.asarray(Image.open(tmp_path / "memorisation.png"))  # 8 closest pairs: generated over training
+    assert figure.shape == (2 + 2 * 34, 2 + 8 * 34)
     table = out.with_suffix(".md").read_text()
     assert table.startswith("| metric | value |") and "| swd |" in table
     assert evaluate.main(args + ["--out", str(tmp_path / "again.json")]) == 0  # seeded: same figures
@@ -354,3 +358,22 @@ def test_evaluate_cas_needs_a_conditional_checkpoint_and_a_test_split(capsys, da
 
 def test_evaluate_missing_checkpoint(capsys, tmp_path):
     assert_user_error(capsys, evaluate.main(["--checkpoint", str(tmp_path / "nope")]), "nope")
+
+
+def test_memorisation_of_a_copying_generator_and_of_unseen_real_slices():
+    """A generator that returns training slices copies (copy_rate 1, authenticity 0); unseen real
+    slices of the same kind do not (copy_rate about 1%, by the threshold's definition)."""
+    slices = blobs(300)
+    train, heldout, unseen = slices[:100], slices[100:200], slices[200:]
+    copies, _ = metrics.memorisation(train[torch.randperm(100, generator=torch.Generator().manual_seed(0))[:50]],
+                                    train, heldout)
+    assert copies["copy_rate"] == 1.0 and copies["authenticity"] == 0.0 and copies["nn_dist_fake"] < 1e-3
+    fresh, (d, idx) = metrics.memorisation(unseen, train, heldout)
+    assert fresh["copy_rate"] <= 0.05 and fresh["authenticity"] > 0.3
+    assert fresh["nn_dist_fake"] == pytest.approx(fresh["nn_dist_heldout"], rel=0.25)
+    assert torch.allclose(d, torch.cdist(metrics.memo_features(unseen), metrics.memo_features(train)).min(1).values)
+    noise = torch.randn(50, *train.shape[1:], generator=torch.Generator().manual_seed(1))
+    near, _ = metrics.memorisation(train[:50] + 0.01 * noise, train, heldout)
+    assert near["copy_rate"] == 1.0  # copies with a little noise are still copies
+    no_heldout, _ = metrics.memorisation(unseen, train)
+    assert "copy_rate" not in no_heldout and no_heldout["nn_dist_fake"] == fresh["nn_dist_fake"]
