@@ -32,6 +32,7 @@ MBSTD_GROUP = 4  # minibatch standard-deviation group size in D
 STYLE_MIXING_PROB = 0.9  # probability of mixing two latents in a training batch
 W_AVG_BETA = 0.995  # decay of the tracked mean w used by truncation
 SPECTRAL_NORM = False  # spectral normalisation of every D layer (seed 003)
+STYLE_OP = "modconv"  # how w styles each synthesis layer: modconv (StyleGAN2) | adain (StyleGAN's AdaIN, seed 003)
 ATTENTION_RES = 0  # resolution of a self-attention block in G and D (seed 003), a power of two from 8 (0: none)
 
 # --- training -------------------------------------------------------------------------
@@ -148,6 +149,7 @@ CHOICES = {
     "AUGMENT": ("none", "ada", "fixed"),
     "DEVICE": ("auto", "cpu", "cuda"),
     "WINOGRAD": ("auto", "on", "off"),
+    "STYLE_OP": ("modconv", "adain"),
     "GEN_NOISE_MODE": ("const", "random", "none"),
     "GEN_DEVICE": ("auto", "cpu", "cuda"),
     "GEN_MODE": ("samples", "mixing", "interpolate", "tsne", "truncation", "project", "losses"),

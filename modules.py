@@ -152,16 +152,16 @@ class ModulatedConv2d(nn.Module):
     output. The per-sample grouped-convolution form (fused=True) gives the same result but generates
     more slowly (docs/speed.md)."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, w_dim, demodulate=True, up=False):
+    def __init__(self, in_channels, out_channels, kernel_size, w_dim, demodulate=True, up=False, modulate=True):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
         self.scale = 1 / math.sqrt(in_channels * kernel_size**2)
-        self.affine = EqualLinear(w_dim, in_channels, bias_init=1.0)
-        self.demodulate, self.up = demodulate, up
+        self.affine = EqualLinear(w_dim, in_channels, bias_init=1.0) if modulate else None  # None: a plain conv
+        self.demodulate, self.up = demodulate and modulate, up
         self.blur = Blur() if up else None
 
     def forward(self, x, w, fused=False):  # (N, Cin, H, W), (N, w_dim) -> (N, Cout, H', W')
-        styles = self.affine(w)  # (N, Cin)
+        styles = self.affine(w) if self.affine is not None else torch.ones_like(x[:, :, 0, 0])  # (N, Cin)
         weight = self.weight * self.scale  # (Cout, Cin, k, k)
         dcoefs = None
         if self.demodulate:  # 1/sqrt(sum_{i,k} (w_oik s_i)^2) = 1/sqrt(s^2 @ sum_k w_oik^2)
@@ -209,18 +209,38 @@ class NoiseInjection(nn.Module):
         return x + noise * self.strength
 
 
-class StyledLayer(nn.Module):
-    """One synthesis layer: modulated 3x3 convolution, noise, bias, leaky ReLU."""
+class AdaIN(nn.Module):
+    """Adaptive instance normalisation (StyleGAN): each feature map normalised per sample to zero
+    mean and unit variance, then scaled and shifted by a style from w."""
 
-    def __init__(self, in_channels, out_channels, w_dim, resolution, up=False):
+    def __init__(self, channels, w_dim):
         super().__init__()
-        self.conv = ModulatedConv2d(in_channels, out_channels, 3, w_dim, up=up)
+        self.affine = EqualLinear(w_dim, 2 * channels, bias_init=1.0)
+        with torch.no_grad():
+            self.affine.bias[channels:] = 0  # scales start at 1, shifts at 0
+
+    def forward(self, x, w):  # (N, C, H, W), (N, w_dim) -> (N, C, H, W)
+        scale, shift = self.affine(w)[:, :, None, None].chunk(2, dim=1)
+        x = x - x.mean(dim=(2, 3), keepdim=True)
+        x = x * (x.square().mean(dim=(2, 3), keepdim=True) + 1e-8).rsqrt()
+        return x * scale + shift
+
+
+class StyledLayer(nn.Module):
+    """One synthesis layer. style_op modconv (StyleGAN2): modulated 3x3 convolution, noise, bias,
+    leaky ReLU. adain (StyleGAN): plain 3x3 convolution, noise, bias, leaky ReLU, then AdaIN."""
+
+    def __init__(self, in_channels, out_channels, w_dim, resolution, up=False, style_op="modconv"):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channels, out_channels, 3, w_dim, up=up, modulate=style_op == "modconv")
         self.noise = NoiseInjection(resolution)
         self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.adain = AdaIN(out_channels, w_dim) if style_op == "adain" else None
 
     def forward(self, x, w, noise_mode="random"):
         x = self.noise(self.conv(x, w), noise_mode)
-        return lrelu(x + self.bias[None, :, None, None])
+        x = lrelu(x + self.bias[None, :, None, None])
+        return self.adain(x, w) if self.adain is not None else x
 
 
 class ToImage(nn.Module):
@@ -239,10 +259,10 @@ class SynthesisBlock(nn.Module):
     """One resolution of the skip generator: up-sampling conv, conv, and an image output that is
     added to the up-sampled image of the previous resolution. Uses three w's."""
 
-    def __init__(self, in_channels, out_channels, w_dim, resolution, img_channels):
+    def __init__(self, in_channels, out_channels, w_dim, resolution, img_channels, style_op="modconv"):
         super().__init__()
-        self.conv0 = StyledLayer(in_channels, out_channels, w_dim, resolution, up=True)
-        self.conv1 = StyledLayer(out_channels, out_channels, w_dim, resolution)
+        self.conv0 = StyledLayer(in_channels, out_channels, w_dim, resolution, up=True, style_op=style_op)
+        self.conv1 = StyledLayer(out_channels, out_channels, w_dim, resolution, style_op=style_op)
         self.to_img = ToImage(out_channels, img_channels, w_dim)
 
     def forward(self, x, img, ws, noise_mode="random", weight=1.0):  # x (N, Cin, R/2, R/2) -> (N, Cout, R, R)
@@ -259,14 +279,15 @@ class SynthesisNetwork(nn.Module):
     the block at 4 * 2^k has weight clamp(level - k + 1, 0, 1), blocks with weight 0 are skipped,
     and the image is up-sampled to the output resolution."""
 
-    def __init__(self, w_dim, resolution, img_channels, channel_base, channel_max, attention_res=0):
+    def __init__(self, w_dim, resolution, img_channels, channel_base, channel_max, attention_res=0,
+                 style_op="modconv"):
         super().__init__()
         ch = lambda r: channels_at(r, channel_base, channel_max)  # noqa: E731
         self.const = nn.Parameter(torch.randn(ch(4), 4, 4))
-        self.conv = StyledLayer(ch(4), ch(4), w_dim, 4)
+        self.conv = StyledLayer(ch(4), ch(4), w_dim, 4, style_op=style_op)
         self.to_img = ToImage(ch(4), img_channels, w_dim)
         self.resolutions = [2**i for i in range(3, int(math.log2(resolution)) + 1)]
-        self.blocks = nn.ModuleList(SynthesisBlock(ch(r // 2), ch(r), w_dim, r, img_channels)
+        self.blocks = nn.ModuleList(SynthesisBlock(ch(r // 2), ch(r), w_dim, r, img_channels, style_op)
                                     for r in self.resolutions)
         self.attention_res = attention_res
         self.attention = SelfAttention(ch(attention_res)) if attention_res else None  # after that block
@@ -293,11 +314,13 @@ class Generator(nn.Module):
     """Mapping network + synthesis network, with style mixing in training and truncation at inference."""
 
     def __init__(self, z_dim, w_dim, mapping_layers, resolution, img_channels, num_classes=0,
-                 channel_base=16384, channel_max=256, mapping_lr_mult=0.01, w_avg_beta=0.995, attention_res=0):
+                 channel_base=16384, channel_max=256, mapping_lr_mult=0.01, w_avg_beta=0.995, attention_res=0,
+                 style_op="modconv"):
         super().__init__()
         self.z_dim, self.num_classes = z_dim, num_classes
         self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, num_classes, mapping_lr_mult, w_avg_beta)
-        self.synthesis = SynthesisNetwork(w_dim, resolution, img_channels, channel_base, channel_max, attention_res)
+        self.synthesis = SynthesisNetwork(w_dim, resolution, img_channels, channel_base, channel_max, attention_res,
+                                          style_op)
         self.num_ws = self.synthesis.num_ws
 
     def make_ws(self, z, labels=None, truncation=1.0, mixing_prob=0.0, update_w_avg=False):

@@ -67,7 +67,8 @@ from utils import (
 
 # Settings that define the network's shape: a resumed run must keep them.
 ARCHITECTURE = ("RESOLUTION", "IMAGE_MODE", "Z_DIM", "W_DIM", "MAPPING_LAYERS", "MAPPING_LR_MULT",
-                "CHANNEL_BASE", "CHANNEL_MAX", "CONDITIONAL", "MBSTD_GROUP", "SPECTRAL_NORM", "ATTENTION_RES")
+                "CHANNEL_BASE", "CHANNEL_MAX", "CONDITIONAL", "MBSTD_GROUP", "SPECTRAL_NORM", "ATTENTION_RES",
+                "STYLE_OP")
 RUN_OUTPUTS = ("epoch_*.png", "step_*.png", "reals.png", "losses.png", "metrics.json", "metrics.png",
                "memorisation.png", "config.json")
 EXTRA_FLAGS = [

@@ -92,7 +92,7 @@ def build_run(cfg, data, device):
         G=dict(z_dim=cfg.z_dim, w_dim=cfg.w_dim, mapping_layers=cfg.mapping_layers, resolution=cfg.resolution,
                img_channels=data.channels, num_classes=num_classes, channel_base=cfg.channel_base,
                channel_max=cfg.channel_max, mapping_lr_mult=cfg.mapping_lr_mult, w_avg_beta=cfg.w_avg_beta,
-               attention_res=cfg.attention_res),
+               attention_res=cfg.attention_res, style_op=cfg.style_op),
         D=dict(resolution=cfg.resolution, img_channels=data.channels, num_classes=num_classes,
                channel_base=cfg.channel_base, channel_max=cfg.channel_max, mbstd_group=cfg.mbstd_group,
                spectral_norm=cfg.spectral_norm, attention_res=cfg.attention_res))

@@ -609,3 +609,35 @@ def test_attention_is_placed_at_its_resolution_in_g_and_d():
     x = torch.randn(4, 1, 32, 32, requires_grad=True)
     g, = torch.autograd.grad(D_att(x).sum(), x, create_graph=True)
     g.square().sum().backward()  # twice differentiable, for R1 / the gradient penalty
+
+
+def test_adain_normalises_each_map_then_applies_the_style():
+    torch.manual_seed(0)
+    layer = modules.AdaIN(6, 8)
+    x = torch.randn(3, 6, 5, 5) * 4 + 2
+    w = torch.randn(3, 8)
+    y = layer(x, w)
+    scale, shift = layer.affine(w).chunk(2, dim=1)
+    assert torch.allclose(y.mean((2, 3)), shift, atol=1e-5)
+    assert torch.allclose(y.std((2, 3), unbiased=False), scale.abs(), atol=1e-4)
+    fresh = modules.AdaIN(6, 8)  # at initialisation: scale ~1 + noise, shift ~0 + noise, from w
+    assert torch.allclose(fresh.affine.bias[:6], torch.ones(6)) and torch.equal(fresh.affine.bias[6:], torch.zeros(6))
+
+
+def test_adain_generator_uses_no_modulation_and_its_styles_matter():
+    torch.manual_seed(0)
+    G = Generator(z_dim=16, w_dim=16, mapping_layers=2, resolution=16, img_channels=1, channel_base=256,
+                  channel_max=16, style_op="adain")
+    layer = G.synthesis.blocks[0].conv0
+    assert layer.adain is not None and layer.conv.affine is None and not layer.conv.demodulate
+    ws = G.make_ws(torch.randn(2, 16))
+    img = G.synthesis(ws, noise_mode="const")
+    assert img.shape == (2, 1, 16, 16)
+    other = ws.clone()
+    other[:, 2] = G.make_ws(torch.randn(2, 16))[:, 2]  # only the style of one AdaIN layer changes
+    assert not torch.allclose(G.synthesis(other, noise_mode="const"), img)
+    img.square().mean().backward()  # gradients reach the AdaIN styles and the plain convolution
+    assert layer.adain.affine.weight.grad.abs().sum() > 0 and layer.conv.weight.grad.abs().sum() > 0
+    modconv = Generator(z_dim=16, w_dim=16, mapping_layers=2, resolution=16, img_channels=1, channel_base=256,
+                        channel_max=16)
+    assert modconv.synthesis.blocks[0].conv0.adain is None and modconv.synthesis.blocks[0].conv0.conv.demodulate

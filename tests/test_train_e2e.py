@@ -228,3 +228,16 @@ def test_wgan_r1_adds_an_r1_penalty_to_the_gradient_penalty():
     assert stats[5.0]["grad_d_reg"] != stats[0.0]["grad_d_reg"]  # and the R1 term in the update
     only_r1 = utils.resolve_settings({"LOSS": "wgan-gp", "GP_LAMBDA": 0, "WGAN_R1_GAMMA": 1.0}, "", "smoke")
     assert training.reg_intervals(only_r1)["D"] == only_r1.d_reg_interval
+
+
+def test_adain_style_op_trains_resumes_generates_and_is_part_of_the_architecture(data, tmp_path, capsys):
+    assert train.main(smoke(data, tmp_path, "--max-steps", "2", "--style-op", "adain", "--eval-every", "0")) == 0
+    assert train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "3"]) == 0
+    state, _ = utils.load_checkpoint(tmp_path / "Models")
+    assert state["step"] == 3 and state["model_args"]["G"]["style_op"] == "adain"
+    assert any(".adain." in k for k in state["G_ema"])
+    assert generate_images.main(["--checkpoint", str(tmp_path / "Models"), "--out-dir", str(tmp_path / "gen"),
+                                 "--n", "2"]) == 0
+    capsys.readouterr()
+    code = train.main(["--resume", "--out-dir", str(tmp_path), "--style-op", "modconv"])
+    assert_user_error(capsys, code, "--style-op")
