@@ -232,6 +232,7 @@ def pixel_features(images, size=16):
 # Memorisation: are generated slices copies of training slices?
 # ---------------------------------------------------------------------------------------
 MEMO_SIZE = 64  # images are compared at most 64x64 (area-averaged): pixel space, small enough to search
+MEMO_PAIRS = 8  # closest generated/training pairs in memorisation.png
 
 
 def memo_features(images):
@@ -528,17 +529,16 @@ class Evaluator:
             out["kid"], out["kid_std"] = kernel_distance(self.real_features, features, self.seed)
         out["precision"], out["recall"] = precision_recall(self.real_features, features)
         heldout = to_model_range(self.heldout[0]) if self.heldout is not None else None
-        figures, self.closest = memorisation(fake, to_model_range(self.real_uint8), heldout)
-        self.closest_fakes = fake
+        figures, (d, idx) = memorisation(fake, to_model_range(self.real_uint8), heldout)
+        order = d.argsort()[:MEMO_PAIRS]  # the closest pairs, kept for save_memorisation_figure
+        self.closest = (fake[order], to_model_range(self.real_uint8[idx[order]]))
         out.update(figures)
         return out
 
-    def save_memorisation_figure(self, path, pairs=8):
+    def save_memorisation_figure(self, path):
         """The generated slices closest to a training slice (top row) above those training slices."""
-        d, idx = self.closest
-        order = d.argsort()[:pairs]
-        images = torch.cat([self.closest_fakes[order], to_model_range(self.real_uint8[idx[order]])])
-        save_grid(images, path, ncol=len(order))
+        fakes, reals = self.closest
+        save_grid(torch.cat([fakes, reals]), path, ncol=len(fakes))
 
 
 def best_metric(name, inception):

@@ -250,7 +250,9 @@ def test_training_logs_metrics_and_keeps_best(cond_run):
     assert [m["epoch"] for m in metrics] == [1, 2] and [m["step"] for m in metrics] == [6, 12]
     assert {"swd", "swd_32", "swd_16", "ms_ssim_fake", "ms_ssim_real", "precision", "recall"} <= set(metrics[0])
     assert {"d_real", "d_fake", "d_heldout", "d_overfit"} <= set(metrics[0])  # data/test is the held-out set
-    assert (samples / "metrics.png").is_file()
+    assert {"copy_rate", "authenticity", "nn_dist_fake", "nn_dist_heldout"} <= set(metrics[0])
+    assert 0 <= metrics[-1]["copy_rate"] <= 1 and metrics[-1]["nn_dist_fake"] > 0
+    assert (samples / "metrics.png").is_file() and (samples / "memorisation.png").is_file()
     best, _ = utils.load_checkpoint(cond_run / "Models" / "best.pt")
     best_epoch = min(metrics, key=lambda m: m["swd"])["epoch"]
     assert best["epoch"] == best_epoch and best["metrics"] == metrics[:best_epoch]
