@@ -259,7 +259,17 @@ def nearest(query, reference, exclude_self=False, chunk=512):
     return torch.cat(dists), torch.cat(index)
 
 
-def memorisation(fake, train, heldout=None):
+def memorisation_reference(train, heldout=None):
+    """What the memorisation audit needs of the real slices, computed once: the training slices'
+    features, each one's distance to its nearest other training slice, and the held-out slices'
+    distances to their nearest training slice (or None)."""
+    train = memo_features(train)
+    d_train, _ = nearest(train, train, exclude_self=True)
+    d_heldout = nearest(memo_features(heldout), train)[0] if heldout is not None else None
+    return train, d_train, d_heldout
+
+
+def memorisation(fake, train, heldout=None, reference=None):
     """Whether generated slices copy training slices, in pixel space (RMS difference, [-1, 1] units).
 
     nn_dist_fake, nn_dist_heldout: mean distance from each generated (held-out real) slice to its
@@ -267,13 +277,12 @@ def memorisation(fake, train, heldout=None):
     the 1st percentile of the held-out-to-training distances (real slices of unseen subjects are
     that close only 1% of the time). authenticity (Alaa et al. 2022): the share of generated slices
     farther from their nearest training slice than that slice is from its own nearest other
-    training slice. Returns (figures, (distance, index of the nearest training slice) per fake)."""
-    fake, train = memo_features(fake), memo_features(train)
-    d_fake, idx = nearest(fake, train)
-    d_train, _ = nearest(train, train, exclude_self=True)
+    training slice. `reference`: memorisation_reference(train, heldout), when already computed.
+    Returns (figures, (distance, index of the nearest training slice) per fake)."""
+    train, d_train, d_heldout = reference or memorisation_reference(train, heldout)
+    d_fake, idx = nearest(memo_features(fake), train)
     out = dict(nn_dist_fake=d_fake.mean().item(), authenticity=(d_fake > d_train[idx]).float().mean().item())
-    if heldout is not None:
-        d_heldout, _ = nearest(memo_features(heldout), train)
+    if d_heldout is not None:
         threshold = torch.quantile(d_heldout, 0.01)
         out.update(nn_dist_heldout=d_heldout.mean().item(), copy_rate=(d_fake < threshold).float().mean().item())
     return out, (d_fake, idx)
@@ -487,6 +496,8 @@ class Evaluator:
         self.ms_ssim_real = mean_pair_ms_ssim(real, seed)
         self.real_features = self.features(real)
         self.real_stats = feature_stats(self.real_features) if inception is not None else None
+        heldout_images = to_model_range(self.heldout[0]) if self.heldout is not None else None
+        self.memo_reference = memorisation_reference(real, heldout_images)
 
     @property
     def feature_space(self):
@@ -528,8 +539,7 @@ class Evaluator:
             out["fid"] = frechet_distance(*self.real_stats, *feature_stats(features))
             out["kid"], out["kid_std"] = kernel_distance(self.real_features, features, self.seed)
         out["precision"], out["recall"] = precision_recall(self.real_features, features)
-        heldout = to_model_range(self.heldout[0]) if self.heldout is not None else None
-        figures, (d, idx) = memorisation(fake, to_model_range(self.real_uint8), heldout)
+        figures, (d, idx) = memorisation(fake, None, reference=self.memo_reference)
         order = d.argsort()[:MEMO_PAIRS]  # the closest pairs, kept for save_memorisation_figure
         self.closest = (fake[order], to_model_range(self.real_uint8[idx[order]]))
         out.update(figures)
