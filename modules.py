@@ -27,9 +27,24 @@ def upsample2x(x):
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
-def downsample2x(x):
-    """Anti-aliased 2x down-sampling (the [1, 3, 3, 1] filter of StyleGAN2)."""
-    return F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False, antialias=True)
+def downsample2x(x):  # (N, C, H, W) -> (N, C, H/2, W/2)
+    """Anti-aliased 2x down-sampling (the [1, 3, 3, 1] filter of StyleGAN2): the same as antialiased
+    bilinear interpolation to half size (the filter renormalised at the borders), as one depthwise
+    strided convolution, which is faster than F.interpolate's antialias path and its backward."""
+    c, h, w = x.shape[1:]
+    tap = torch.tensor([1.0, 3.0, 3.0, 1.0], device=x.device, dtype=x.dtype) / 8
+    rows = _border_norm(h, x.device, x.dtype)[:, None] * _border_norm(w, x.device, x.dtype)[None, :]
+    kernel = torch.outer(tap, tap).expand(c, 1, 4, 4)
+    return conv2d(x, kernel, stride=2, padding=1, groups=c) * rows
+
+
+def _border_norm(size, device, dtype):
+    """1 / (the filter's weight inside the image) at each output position along one axis: the taps at
+    input -1 and at input `size` fall outside (8/7 at each border, 8/6 for a single output)."""
+    inside = torch.full((size // 2,), 8.0, device=device, dtype=dtype)
+    inside[0] -= 1
+    inside[-1] -= 1
+    return 8 / inside
 
 
 def channels_at(res, channel_base, channel_max):

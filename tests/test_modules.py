@@ -152,6 +152,20 @@ def test_conv2d_under_autocast_computes_in_bf16_and_returns_float32_gradients():
 # ---------------------------------------------------------------------------------------
 # Equalised learning rate
 # ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (1, 2, 8, 4), (1, 1, 2, 2)])
+def test_downsample_is_antialiased_bilinear_to_the_second_derivative(shape):
+    """The strided depthwise [1, 3, 3, 1] filter with its border renormalisation equals PyTorch's
+    antialiased bilinear half-size interpolation, in value and in the R1 penalty's double backward."""
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    reference = torch.nn.functional.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True)
+    ours = modules.downsample2x(x)
+    torch.testing.assert_close(ours, reference)
+    grads = [torch.autograd.grad(y.square().sum(), x, create_graph=True)[0] for y in (ours, reference)]
+    torch.testing.assert_close(grads[0], grads[1])
+    second = [torch.autograd.grad(g.sin().sum(), x)[0] for g in grads]
+    torch.testing.assert_close(second[0], second[1])
+
+
 def test_equal_linear_keeps_unit_variance():
     torch.manual_seed(0)
     layer = EqualLinear(512, 512)
