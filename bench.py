@@ -11,9 +11,11 @@ training step's FLOP/s (counted with torch.utils.flop_counter) as a fraction of 
 same preset and setting flags as train.py, plus --iters, --warmup and --json."""
 import json
 import math
-import resource
+import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -22,17 +24,37 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import constants
+from demo_data import ensure_demo_dataset
 from ops import WINOGRAD, use_winograd
 from training import autocast, build_run, cache_on_device, reg_intervals, setup_device, train_step
-from utils import UserError, describe_device, parse_settings, resolve_settings, seed_everything
+from utils import (
+    UserError,
+    describe_device,
+    parse_settings,
+    peak_memory_mb,
+    read_jsonl,
+    resolve_device,
+    resolve_settings,
+    save_json,
+    seed_everything,
+    writable_folder,
+)
 
 B = constants.BENCH
 ITERS, WARMUP, GENERATION_BATCH, PEAK_CONV = B["iters"], B["warmup"], B["generation_batch"], B["peak_conv"]
+NODE = constants.NODE_CHECK
 EXTRA_FLAGS = [
     (("--preset",), dict(choices=sorted(constants.PRESETS), help="named set of settings from constants.PRESETS")),
     (("--iters",), dict(type=int, metavar="N", help=f"timed training iterations (default: {ITERS})")),
     (("--warmup",), dict(type=int, metavar="N", help=f"untimed iterations first (default: {WARMUP})")),
     (("--json",), dict(action="store_true", help="print the results as one JSON object on stdout")),
+    (("--check-node",), dict(action="store_true",
+                             help=f"the GPU node check (under 10 minutes): bench.py at {NODE['bench_preset']} "
+                                  f"with and without --compile, {NODE['train_seconds']} s of {NODE['train_preset']} "
+                                  "training on the demo data, an evaluation and a sample grid; one summary")),
+    (("--check-tiny",), dict(action="store_true",
+                             help="--check-node shrunk to a 32x32 model and seconds of training, on any device "
+                                  "(a check of the check itself)")),
 ]
 
 
@@ -47,13 +69,6 @@ def synthetic_data(cfg, n):
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def peak_memory_mb(device):
-    """CUDA: the most memory tensors took; CPU: the process's peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def timed(fn, device, repeats=1, best=False):
@@ -175,9 +190,108 @@ def report(r):
             f"  generation  {r['gen_img_per_s']:.1f} img/s at batch {GENERATION_BATCH}")
 
 
+# ---------------------------------------------------------------------------------------
+# The node check: bench, a short training, an evaluation (train.py, evaluate.py and
+# generate_images.py run as programs, each in its own process)
+# ---------------------------------------------------------------------------------------
+def run_script(script, args, log, deadline=None):
+    """Run `python script args` with its output in `log`; with `deadline` (seconds), SIGTERM it then
+    (train.py then saves a checkpoint and stops). Returns the exit status."""
+    command = [sys.executable, str(Path(__file__).with_name(script)), *map(str, args)]
+    with open(log, "w") as f:
+        process = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            return process.wait(timeout=deadline)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGTERM)
+            return process.wait()
+        finally:
+            if process.poll() is None:
+                process.kill()
+
+
+def last_line(log):
+    lines = [line for line in Path(log).read_text(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(no output)"
+
+
+def training_speed(stats):
+    """(kimg reached, s/kimg, img/s, peak memory in MB) from a run's stats.jsonl."""
+    ticks = [t for t in read_jsonl(stats) if t.get("img_per_s")]
+    if not ticks:
+        return 0.0, math.nan, math.nan, math.nan
+    seconds = sum((t["nimg"] - before) / t["img_per_s"] for before, t in zip([0] + [t["nimg"] for t in ticks], ticks))
+    nimg = ticks[-1]["nimg"]
+    return nimg / 1000, seconds / (nimg / 1000), nimg / seconds, max(t["mem_mb"] for t in ticks)
+
+
+def check_node(given, tiny):
+    """Bench, train, evaluate and sample on this machine; returns the summary (also in summary.json)."""
+    check = constants.NODE_CHECK_TINY if tiny else NODE
+    device = resolve_device(given.get("DEVICE", "auto"))
+    if device.type != "cuda" and not tiny:
+        raise UserError("--check-node needs a CUDA GPU and this machine has none (--check-tiny runs a tiny "
+                        "version of it anywhere)")
+    start, out = time.perf_counter(), Path(given.get("OUT_DIR", check["out_dir"]))
+    data_root = given.get("DATA_ROOT", constants.DEMO_ROOT)
+    if Path(data_root) == Path(constants.DEMO_ROOT):
+        ensure_demo_dataset(constants.DEMO_ROOT, atrophy=constants.DEMO_ATROPHY)
+    writable_folder(out, "--out-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    benches = {}
+    for compiled in check["compile"]:
+        cfg = resolve_settings(dict(given, COMPILE=compiled), "", check["bench_preset"])
+        benches["compile" if compiled else "eager"] = bench(cfg, check["iters"], check["warmup"])
+    run, device_flag = out / "run", ["--device", device.type]
+    train_args = ["--preset", check["train_preset"], "--data-root", data_root, "--out-dir", run, "--overwrite",
+                  "--kimg", 1e6, "--eval-every", 0, "--checkpoint-every", 10**6, *device_flag]
+    status = run_script("train.py", train_args, out / "train.log", deadline=check["train_seconds"])
+    if status not in (0, 128 + signal.SIGTERM) or not list((run / "Models").glob("checkpoint_*.pt")):
+        raise UserError(f"the training of the node check failed (exit {status}): {last_line(out / 'train.log')} "
+                        f"(all of it in {out / 'train.log'})")
+    evaluation = out / "evaluation.json"
+    for script, args, log in (("evaluate.py", ["--checkpoint", run / "Models", "--data-root", data_root, "--n",
+                                               check["eval_n"], "--out", evaluation, *device_flag], "evaluate.log"),
+                              ("generate_images.py", ["--checkpoint", run / "Models", "--out-dir", out / "samples",
+                                                      *device_flag], "generate.log")):
+        if run_script(script, args, out / log) != 0:
+            raise UserError(f"{script} in the node check failed: {last_line(out / log)} (all of it in {out / log})")
+    kimg, sec_per_kimg, img_per_s, memory = training_speed(run / "stats.jsonl")
+    figures = json.loads(evaluation.read_text())
+    summary = dict(device=describe_device(device), bench=benches, train_preset=check["train_preset"], data=data_root,
+                   train_seconds=check["train_seconds"], kimg=kimg, sec_per_kimg=sec_per_kimg, img_per_s=img_per_s,
+                   train_peak_mem_mb=memory, evaluation={k: figures.get(k) for k in NODE_FIGURES},
+                   grid=str(out / "samples" / "grid.png"), total_seconds=time.perf_counter() - start)
+    save_json(summary, out / "summary.json")
+    return summary
+
+
+NODE_FIGURES = ("swd", "ms_ssim_fake", "ms_ssim_real", "precision", "recall", "copy_rate")
+
+
+def node_report(s):
+    lines = [f"node check on {s['device']} ({s['total_seconds'] / 60:.1f} min in all)"]
+    for name, r in s["bench"].items():
+        lines.append(f"  bench {r['resolution']}x{r['resolution']} {name:7s}  {r['img_per_s']:8.1f} img/s "
+                     f"({r['sec_per_kimg']:.2f} s/kimg), peak memory {r['peak_mem_mb']:,.0f} MB, "
+                     f"generation {r['gen_img_per_s']:.0f} img/s")
+    lines.append(f"  training {s['train_preset']} on {s['data']} for {s['train_seconds']} s: {s['kimg']:.1f} kimg, "
+                 f"{s['sec_per_kimg']:.2f} s/kimg, {s['img_per_s']:.1f} img/s, peak memory "
+                 f"{s['train_peak_mem_mb']:,.0f} MB")
+    e = s["evaluation"]
+    lines.append(f"  evaluation: SWD {e['swd']:.1f}, MS-SSIM {e['ms_ssim_fake']:.3f} (real {e['ms_ssim_real']:.3f}), "
+                 f"precision {e['precision']:.3f}, recall {e['recall']:.3f}, copy_rate {e['copy_rate']:.3f}")
+    lines.append(f"  grid: {s['grid']}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     try:
         given, opts = parse_settings(argv, "", __doc__, EXTRA_FLAGS)
+        if getattr(opts, "check_node", False) or getattr(opts, "check_tiny", False):
+            summary = check_node(given, getattr(opts, "check_tiny", False))
+            print(json.dumps(summary) if getattr(opts, "json", False) else node_report(summary))
+            return 0
         iters, warmup = getattr(opts, "iters", ITERS), getattr(opts, "warmup", WARMUP)
         if iters < 1 or warmup < 0:
             raise UserError(f"--iters must be >= 1 and --warmup >= 0, got {iters} and {warmup}")

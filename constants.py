@@ -40,6 +40,9 @@ OUT_DIR = "."  # Models/ and saved_examples/ are created under this folder
 BATCH_SIZE = 32  # images per iteration (global, across all processes)
 EPOCHS = 150  # passes over the training set
 MAX_STEPS = 0  # stop after this many iterations in total (0: no limit)
+KIMG = 0.0  # run length in thousands of real images shown to D; overrides EPOCHS (0: EPOCHS decides)
+SNAPSHOT_KIMG = 0.0  # every this many kimg: checkpoint, grid fakes_KKKKKK.png, evaluation (0: by epochs, *_EVERY)
+TICK_KIMG = 4.0  # every this many kimg: one line of training statistics in OUT_DIR/stats.jsonl
 G_LR = 0.002  # generator Adam learning rate
 D_LR = 0.002  # discriminator Adam learning rate
 ADAM_BETAS = (0.0, 0.99)  # Adam beta1,beta2
@@ -94,10 +97,17 @@ WINOGRAD_KERNEL = dict(min_channels=128, min_size=16, chunk=2**20)
 # bench.py: timed and warm-up training iterations, the generation batch, and the reference 3x3
 # convolution that measures the machine's conv peak (CPU; 4x the batch on CUDA)
 BENCH = dict(iters=16, warmup=4, generation_batch=64, peak_conv=dict(batch=16, channels=256, size=64))
+# bench.py --check-node: the preset it benches (with and without --compile), the one it trains on the
+# demo data and for how many seconds, the evaluation's images, and its folder; --check-tiny shrinks it
+# (no --compile there: compiling on a CPU takes minutes).
+NODE_CHECK = dict(bench_preset="auto256", compile=(False, True), train_preset="adni256", train_seconds=300,
+                  eval_n=1000, iters=16, warmup=4, out_dir="node_check")
+NODE_CHECK_TINY = dict(NODE_CHECK, bench_preset="smoke", compile=(False,), train_preset="smoke", train_seconds=15,
+                       eval_n=16, iters=2, warmup=1)
 
 # --- generation (flags of generate_images.py, without the GEN_ prefix) ----------------
 GEN_MODE = "samples"  # samples | mixing | interpolate | tsne | truncation | project | losses
-GEN_CHECKPOINT = "Models"  # checkpoint file, or a folder whose newest checkpoint is used
+GEN_CHECKPOINT = "Models"  # checkpoint file or folder (its newest checkpoint); --mode losses also takes a stats.jsonl
 GEN_OUT_DIR = "saved_examples/generated"  # folder for the generated PNGs, grid and plots
 GEN_N = 16  # samples: number of images when --seeds is not given (seeds 0..N-1)
 GEN_SEEDS = ""  # comma list of seeds; empty: 0..N-1 (samples), 0..3 (mixing rows), 0,1 (interpolate), 0..7 (truncation)
@@ -165,6 +175,7 @@ RANGES = {  # inclusive (low, high); None: unbounded
     "MAPPING_LR_MULT": (1e-6, None), "CHANNEL_BASE": (1, None), "CHANNEL_MAX": (1, None),
     "MBSTD_GROUP": (1, None), "STYLE_MIXING_PROB": (0, 1), "W_AVG_BETA": (0, 1), "ATTENTION_RES": (0, 1024),
     "BATCH_SIZE": (1, None), "EPOCHS": (1, None), "MAX_STEPS": (0, None),
+    "KIMG": (0, None), "SNAPSHOT_KIMG": (0, None), "TICK_KIMG": (1e-3, None),
     "G_LR": (0, None), "D_LR": (0, None), "ADAM_BETAS": (0, 0.9999),
     "LR_CYCLE_STEPS": (1, None), "LR_CYCLE_MIN": (0, 1), "LR_STEP_EPOCHS": (1, None),
     "LR_STEP_FACTOR": (0, None), "GP_LAMBDA": (0, None), "DRIFT": (0, None),

@@ -46,6 +46,7 @@ from utils import (
     plot_losses,
     plot_metrics,
     pyplot,
+    read_jsonl,
     resolve_device,
     resolve_settings,
     save_figure,
@@ -55,6 +56,7 @@ from utils import (
     save_json,
     save_labelled_grid,
     seed_latents,
+    stats_history,
     synthesize,
     writable_folder,
 )
@@ -146,6 +148,25 @@ def run_truncation(cfg, state, G, device, out):
     save_labelled_grid(images.flatten(0, 1), out / "truncation.png", len(seeds), rows, [str(s) for s in seeds],
                        title="truncation: w = w_avg + ψ (w - w_avg); columns are seeds")
     return f"truncation grid: {len(rows)} rows x {len(seeds)} seeds"
+
+
+def losses_from_logs(stats, out):
+    """--mode losses --checkpoint RUN/stats.jsonl: the plots from a run's logs, also while it trains
+    (its metrics.jsonl beside it gives metrics.png)."""
+    if not stats.is_file():
+        raise UserError(f"--checkpoint {stats}: no such file")
+    lines = [line for line in read_jsonl(stats) if "kimg" in line]
+    if not lines:
+        raise UserError(f"--checkpoint {stats}: no statistics in it yet (train.py writes a line every --tick-kimg)")
+    history, kimg = stats_history(lines)
+    plot_losses(history, out / "losses.png", x=kimg, xlabel="thousands of real images shown to D")
+    written = "losses.png"
+    metrics_log = stats.with_name("metrics.jsonl")
+    metrics = read_jsonl(metrics_log) if metrics_log.is_file() else []
+    if metrics:
+        plot_metrics(metrics, out / "metrics.png")
+        written += " and metrics.png"
+    return f"{written} from {len(lines)} lines of {stats} -> {out}"
 
 
 def run_losses(cfg, state, G, device, out):
@@ -415,6 +436,9 @@ def main(argv=None):
         device = resolve_device(cfg.device)
         use_fast_kernels(device)
         out = writable_folder(cfg.out_dir, "--out-dir")
+        if cfg.mode == "losses" and str(cfg.checkpoint).endswith(".jsonl"):
+            print(losses_from_logs(Path(cfg.checkpoint), out))
+            return 0
         state, path = load_checkpoint(cfg.checkpoint, CHECKPOINT_KEYS + (("D",) if cfg.mode in NEED_D else ()))
         G = load_generator(state, device)
         if cfg.label and cfg.mode not in ("samples", "mixing", "interpolate", "truncation", "project"):

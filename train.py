@@ -40,6 +40,7 @@ from utils import (
     RunLock,
     UserError,
     any_process,
+    append_jsonl,
     check_settings,
     checkpoint_path,
     checkpoint_settings,
@@ -51,11 +52,13 @@ from utils import (
     list_checkpoints,
     load_checkpoint,
     parse_settings,
+    peak_memory_mb,
     plot_losses,
     plot_metrics,
     process_rank,
     prune_checkpoints,
     read_checkpoint,
+    read_jsonl,
     resolve_settings,
     same_on_every_process,
     save_checkpoint,
@@ -69,8 +72,9 @@ from utils import (
 ARCHITECTURE = ("RESOLUTION", "IMAGE_MODE", "Z_DIM", "W_DIM", "MAPPING_LAYERS", "MAPPING_LR_MULT",
                 "CHANNEL_BASE", "CHANNEL_MAX", "CONDITIONAL", "MBSTD_GROUP", "SPECTRAL_NORM", "ATTENTION_RES",
                 "STYLE_OP")
-RUN_OUTPUTS = ("epoch_*.png", "step_*.png", "reals.png", "losses.png", "metrics.json", "metrics.png",
+RUN_OUTPUTS = ("epoch_*.png", "step_*.png", "fakes_*.png", "reals.png", "losses.png", "metrics.json", "metrics.png",
                "memorisation.png", "config.json")
+LOGS = ("stats.jsonl", "metrics.jsonl")  # in OUT_DIR: a line per tick, a line per evaluation
 EXTRA_FLAGS = [
     (("--preset",), dict(choices=sorted(constants.PRESETS), help="named set of settings from constants.PRESETS")),
     (("--resume",), dict(nargs="?", const=True, metavar="PATH",
@@ -120,6 +124,9 @@ def settings(given, opts, out, main_process=True):
                             "--resume, or start this one with another --out-dir (or --overwrite to delete them)")
         if earlier and main_process:
             remove_run(out, cfg)
+        if main_process:  # logs of a run that left no checkpoint
+            for name in LOGS:
+                (out / name).unlink(missing_ok=True)
         return cfg, None
     state, path = resume_checkpoint(models, resume)
     cfg = resolve_settings(given, "", preset, base=state["config"])
@@ -130,7 +137,7 @@ def settings(given, opts, out, main_process=True):
             raise UserError(f"{flag_of(name)} is {new!r} but {path} was trained with {old!r}; drop it to resume")
     cfg.preset = preset or state["config"].get("preset")
     if main_process:
-        supersede_newer(models, state["step"])
+        supersede_newer(out, state["step"], state["nimg"])
     print(f"resuming from {path} (step {state['step']})")
     return cfg, state
 
@@ -157,23 +164,32 @@ def resume_checkpoint(models, resume):
     return state, path
 
 
-def supersede_newer(models, step):
-    """Move the checkpoints of Models/ newer than `step` (unreadable ones passed over, or the later
-    branch when resuming an older checkpoint, best.pt included) to Models/superseded/<time>/: the
-    run never mixes them with its own, and nothing is deleted."""
+def supersede_newer(out, step, nimg):
+    """Move what the run wrote after the checkpoint it resumes from to Models/superseded/<time>/: the
+    checkpoints newer than `step` (unreadable ones passed over, or the later branch when resuming an
+    older checkpoint, best.pt included), and the logs, whose lines up to `nimg` images stay in OUT_DIR.
+    The run never mixes them with its own, and nothing is deleted."""
+    models = out / "Models"
     newer = [p for p in list_checkpoints(models) if checkpoint_step(p) > step]
-    if not newer:
-        return
     best = models / BEST_CHECKPOINT
-    if best.is_file() and best_step(best) > step:
+    if newer and best.is_file() and best_step(best) > step:
         newer.append(best)
+    logs = {out / name: read_jsonl(out / name) for name in LOGS if (out / name).is_file()}
+    logs = {path: lines for path, lines in logs.items() if any(line.get("nimg", 0) > nimg for line in lines)}
+    if not newer and not logs:
+        return
     stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
     while (folder := models / SUPERSEDED / (stamp + (f"-{n}" if n else ""))).exists():
         n += 1
     folder.mkdir(parents=True)
-    for p in newer:
+    for p in newer + list(logs):
         os.replace(p, folder / p.name)
-    print(f"moved {len(newer)} checkpoint(s) newer than step {step} to {folder}", file=sys.stderr)
+    for path, lines in logs.items():
+        for line in lines:
+            if line.get("nimg", 0) <= nimg:
+                append_jsonl(line, path)
+    print(f"moved {len(newer)} checkpoint(s) newer than step {step}" + (" and the later lines of "
+          + ", ".join(p.name for p in logs) if logs else "") + f" to {folder}", file=sys.stderr)
 
 
 def best_step(path):
@@ -185,10 +201,11 @@ def best_step(path):
 
 
 def remove_run(out, cfg):
-    """--overwrite: delete the earlier run's checkpoints (superseded ones too), and the sample grids,
-    plots and metrics train.py wrote at this resolution."""
+    """--overwrite: delete the earlier run's checkpoints (superseded ones too), its logs, and the
+    sample grids, plots and metrics train.py wrote at this resolution."""
     models, samples = out / "Models", out / "saved_examples" / f"{cfg.resolution}x{cfg.resolution}"
     doomed = run_checkpoints(models) + [p for pattern in RUN_OUTPUTS for p in samples.glob(pattern)]
+    doomed += [out / name for name in LOGS if (out / name).is_file()]
     for p in doomed:
         p.unlink(missing_ok=True)
     shutil.rmtree(models / SUPERSEDED, ignore_errors=True)
@@ -230,18 +247,23 @@ def make_evaluator(cfg, data, device):
     metric = best_metric(cfg.eval_metric, inception)
     evaluator = Evaluator(data.images, data.labels, min(cfg.eval_n, len(data)), cfg.seed, inception,
                           heldout=heldout_slices(cfg, data))
-    print(f"evaluation every {cfg.eval_every} epochs on {evaluator.n} images; Models/best.pt by {metric}")
+    every = f"{cfg.snapshot_kimg:g} kimg" if cfg.snapshot_kimg else f"{cfg.eval_every} epochs"
+    print(f"evaluation every {every} on {evaluator.n} images; Models/best.pt by {metric}")
     return evaluator, metric
 
 
 def evaluate_now(run, cfg, evaluator, metric, save_best, samples):
-    """Evaluate G_ema, log and plot the figures, and keep Models/best.pt by `metric` (lower is better)."""
+    """Evaluate G_ema, log (OUT_DIR/metrics.jsonl) and plot the figures, and keep Models/best.pt by
+    `metric` (lower is better)."""
     figures = evaluator(run.G_ema, run.device, D=run.D)
     previous = [m[metric] for m in run.metrics if metric in m]
     run.metrics.append(dict(epoch=run.epoch, step=run.step, nimg=run.nimg, **figures))
+    append_jsonl(dict(kimg=run.nimg / 1000, nimg=run.nimg, step=run.step, epoch=run.epoch, time_s=run.seconds,
+                      **figures), Path(cfg.out_dir) / "metrics.jsonl")
     printed = ("swd", "fid", "kid", "ms_ssim_fake", "precision", "recall", "d_overfit", "copy_rate")
     shown = {k: v for k, v in figures.items() if k in printed}
-    tqdm.write(f"epoch {run.epoch} evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    tqdm.write(f"kimg {run.nimg / 1000:g} (epoch {run.epoch}) evaluation: "
+               + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     save_json(run.metrics, samples / "metrics.json")
     plot_metrics(run.metrics, samples / "metrics.png")
     evaluator.save_memorisation_figure(samples / "memorisation.png")
@@ -367,9 +389,67 @@ def train_on(cfg, state, rank, world_size, device):
             run.board.close()
 
 
+class TrainingStats:
+    """OUT_DIR/stats.jsonl: a line every TICK_KIMG (and at the end) with the wall time, the speed
+    (sec_per_kimg and img_per_s leave out maintenance_s: grids, evaluations, checkpoints), the means
+    over the tick of the losses and penalties, ADA's r_t, augmentation p, learning rates, peak memory."""
+
+    def __init__(self, run, path):
+        self.run, self.path = run, path
+        self.origin = time.perf_counter() - run.seconds  # wall time continues across resumes
+        self.mark()
+
+    def seconds(self):
+        return time.perf_counter() - self.origin
+
+    def mark(self):
+        self.time, self.nimg, self.index, self.maintenance = (self.seconds(), self.run.nimg,
+                                                              len(self.run.history["loss_gen"]), 0.0)
+
+    @contextlib.contextmanager
+    def maintaining(self):
+        """Time spent outside training iterations."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.maintenance += time.perf_counter() - start
+
+    def write(self):
+        run = self.run
+        if run.nimg == self.nimg:
+            return
+        now = self.seconds()
+        train_s, kimg = max(now - self.time - self.maintenance, 1e-9), (run.nimg - self.nimg) / 1000
+        line = dict(kimg=run.nimg / 1000, nimg=run.nimg, step=run.step, epoch=run.epoch, time_s=now,
+                    sec_per_kimg=train_s / kimg, img_per_s=1000 * kimg / train_s, maintenance_s=self.maintenance)
+        for key in HISTORY_KEYS:
+            values = [v for v in run.history[key][self.index:] if math.isfinite(v)]
+            name = "r_t" if key == "real_sign" else key
+            line[name] = (values[-1] if key == "aug_p" else sum(values) / len(values)) if values else None
+        line.update(lr_G=run.opt_G.param_groups[0]["lr"], lr_D=run.opt_D.param_groups[0]["lr"],
+                    mem_mb=peak_memory_mb(run.device))
+        append_jsonl(line, self.path)
+        self.mark()
+
+
+def crossed(nimg, batch, kimg):
+    """Whether the last batch (of `batch` images) took the count `nimg` past a multiple of `kimg` thousand."""
+    every = round(kimg * 1000)
+    return every > 0 and nimg // every > (nimg - batch) // every
+
+
+def length_reached(run, cfg):
+    """KIMG (when set) or MAX_STEPS reached; EPOCHS is the loop's own condition."""
+    return (bool(cfg.kimg) and run.nimg >= round(cfg.kimg * 1000)) or (bool(cfg.max_steps)
+                                                                       and run.step >= cfg.max_steps)
+
+
 class RunOutputs:
     """What a run writes to OUT_DIR (the main process only): sample grids from fixed latents,
-    checkpoints (pruned to the run's own newest), evaluations and best.pt, the loss plot."""
+    checkpoints (pruned to the run's own newest), evaluations and best.pt, the loss plot, and the
+    stats.jsonl and metrics.jsonl logs. Snapshots come by epochs (SAMPLE_EVERY, CHECKPOINT_EVERY,
+    EVAL_EVERY), or with SNAPSHOT_KIMG every that many thousand images."""
 
     def __init__(self, run, cfg, state, main_process, evaluation=None):
         out = Path(cfg.out_dir)
@@ -380,10 +460,12 @@ class RunOutputs:
         self.kept = list_checkpoints(self.models)  # the run's checkpoints: Models/ holds no other run's
         resumed = state is not None and checkpoint_path(self.models, state["step"]).is_file()
         self.written = state["step"] if resumed else None  # the step the newest checkpoint holds
+        self.stats = TrainingStats(run, out / "stats.jsonl")
 
     def grid(self, name):
         if self.main_process:
-            save_samples(self.run, self.latents, self.samples / name)
+            with self.stats.maintaining():
+                save_samples(self.run, self.latents, self.samples / name)
 
     def checkpoint(self):
         """Write checkpoint_<step>.pt (once per step), prune, plot the losses; returns its path."""
@@ -391,36 +473,65 @@ class RunOutputs:
         assert same_on_every_process([*run.G.parameters(), *run.D.parameters()]), "replicas diverged"
         path = checkpoint_path(self.models, run.step)
         if self.main_process and self.written != run.step:
-            save_checkpoint(checkpoint_state(run, self.cfg), path)
-            self.written = run.step
-            self.kept = prune_checkpoints(self.kept + [path], self.cfg.keep_checkpoints)
-            plot_losses(run.history, self.samples / "losses.png")
+            with self.stats.maintaining():
+                run.seconds = self.stats.seconds()
+                save_checkpoint(checkpoint_state(run, self.cfg), path)
+                self.written = run.step
+                self.kept = prune_checkpoints(self.kept + [path], self.cfg.keep_checkpoints)
+                plot_losses(run.history, self.samples / "losses.png")
         return path
 
     def evaluate(self, stop):
         """Evaluate G_ema and keep best.pt (a write that a second Ctrl-C does not cut short)."""
+        if self.evaluator is None:
+            return
         best = stop.writing_checkpoint()(lambda: save_checkpoint(checkpoint_state(self.run, self.cfg),
                                                                  self.models / BEST_CHECKPOINT))
-        evaluate_now(self.run, self.cfg, self.evaluator, self.metric, best, self.samples)
+        with self.stats.maintaining():
+            self.run.seconds = self.stats.seconds()
+            evaluate_now(self.run, self.cfg, self.evaluator, self.metric, best, self.samples)
+
+    def tick(self):
+        if self.main_process:
+            self.stats.write()
+
+    def snapshot(self, stop, grid=True, evaluate=True, checkpoint=True, name=None):
+        """A sample grid, an evaluation and a checkpoint, each when asked for."""
+        if grid:
+            self.grid(name or f"fakes_{self.run.nimg // 1000:06d}.png")
+        if evaluate:
+            self.evaluate(stop)
+        if checkpoint:
+            with stop.writing_checkpoint():
+                self.checkpoint()
+
+    def after_epoch(self, stop):
+        epoch, cfg = self.run.epoch, self.cfg
+        if not cfg.snapshot_kimg:
+            self.snapshot(stop, epoch % cfg.sample_every == 0, bool(cfg.eval_every) and epoch % cfg.eval_every == 0,
+                          epoch % cfg.checkpoint_every == 0, name=f"epoch_{epoch:04d}.png")
+
+    def after_step(self, stop):
+        run, cfg = self.run, self.cfg
+        if crossed(run.nimg, cfg.batch_size, cfg.tick_kimg):
+            self.tick()
+        if crossed(run.nimg, cfg.batch_size, cfg.snapshot_kimg):
+            self.snapshot(stop, evaluate=bool(cfg.eval_every))
 
 
 def train_loop(run, cfg, data, sampler, outputs):
-    """Epochs until EPOCHS, MAX_STEPS or a stop signal, with samples, evaluations and checkpoints."""
+    """Epochs until EPOCHS (or KIMG), MAX_STEPS or a stop signal, with samples, evaluations,
+    checkpoints and the logs."""
     with StopSignal() as stop:
         finished = False
-        while run.epoch < cfg.epochs and not finished and stop.signum is None:
-            finished = run_epoch(run, cfg, data, sampler, stop)
+        while (cfg.kimg or run.epoch < cfg.epochs) and not finished and stop.signum is None:
+            finished = run_epoch(run, cfg, data, sampler, outputs, stop)
             if run.epoch_step == sampler.steps_per_epoch:
                 run.epoch, run.epoch_step = run.epoch + 1, 0
-                if run.epoch % cfg.sample_every == 0:
-                    outputs.grid(f"epoch_{run.epoch:04d}.png")
-                if outputs.evaluator is not None and run.epoch % cfg.eval_every == 0:
-                    outputs.evaluate(stop)
-                if run.epoch % cfg.checkpoint_every == 0:
-                    with stop.writing_checkpoint():
-                        outputs.checkpoint()
+                outputs.after_epoch(stop)
         if stop.signum is None:
             outputs.grid(f"step_{run.step:08d}.png")
+        outputs.tick()
         with stop.writing_checkpoint():
             path = outputs.checkpoint()
         if stop.signum is not None:
@@ -432,13 +543,14 @@ def train_loop(run, cfg, data, sampler, outputs):
     return 0
 
 
-def run_epoch(run, cfg, data, sampler, stop):
-    """Train over the rest of the current epoch; returns True when MAX_STEPS is reached."""
-    bar = tqdm(total=sampler.steps_per_epoch, initial=run.epoch_step, desc=f"epoch {run.epoch + 1}/{cfg.epochs}",
-               dynamic_ncols=True, file=sys.stdout)
+def run_epoch(run, cfg, data, sampler, outputs, stop):
+    """Train over the rest of the current epoch; returns True when KIMG or MAX_STEPS is reached."""
+    total = sampler.steps_per_epoch
+    bar = tqdm(total=total, initial=run.epoch_step, dynamic_ncols=True, file=sys.stdout,
+               desc=f"epoch {run.epoch + 1}" + ("" if cfg.kimg else f"/{cfg.epochs}"))
     try:
         for idx in sampler.batches(run.epoch, run.epoch_step):
-            if cfg.max_steps and run.step >= cfg.max_steps:
+            if length_reached(run, cfg):
                 return True
             values = train_step(run, cfg, data, idx)
             for key in HISTORY_KEYS:
@@ -453,9 +565,10 @@ def run_epoch(run, cfg, data, sampler, stop):
             bar.update()
             run.step, run.epoch_step, run.nimg = run.step + 1, run.epoch_step + 1, run.nimg + cfg.batch_size
             set_growth_level(run, cfg)
+            outputs.after_step(stop)
             if stop.seen(run.device):
                 return False
-        return bool(cfg.max_steps) and run.step >= cfg.max_steps
+        return length_reached(run, cfg)
     finally:
         bar.close()
 

@@ -76,6 +76,7 @@ class TrainingRun:
     epoch: int = 0
     epoch_step: int = 0  # iterations done in the current epoch
     nimg: int = 0  # real images shown to D
+    seconds: float = 0.0  # wall time of training so far, across resumes (stats.jsonl)
     history: dict = field(default_factory=lambda: {k: [] for k in HISTORY_KEYS})  # per-iteration losses
     metrics: list = field(default_factory=list)  # evaluations during training
     last: dict = field(default_factory=dict)  # the latest loss values (progress bar)
@@ -247,7 +248,7 @@ def checkpoint_state(run, cfg):
         version=1, config=config_dict(cfg), model_args=run.model_args, class_names=list(run.class_names),
         G=run.G.state_dict(), D=run.D.state_dict(), G_ema=run.G_ema.state_dict(),
         opt_G=run.opt_G.state_dict(), opt_D=run.opt_D.state_dict(),
-        step=run.step, epoch=run.epoch, epoch_nimg=run.epoch_step * cfg.batch_size, nimg=run.nimg,
+        step=run.step, epoch=run.epoch, epoch_nimg=run.epoch_step * cfg.batch_size, nimg=run.nimg, seconds=run.seconds,
         pl_mean=run.pl_mean.detach().cpu(), **run.aug.state_dict(),
         history={k: torch.tensor(v, dtype=torch.float32) for k, v in run.history.items()}, metrics=run.metrics,
         rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if cuda else []))
@@ -259,6 +260,7 @@ def restore(run, state, cfg, data):
     for name in ("G", "D", "G_ema", "opt_G", "opt_D"):
         getattr(run, name).load_state_dict(state[name])
     run.step, run.epoch, run.nimg = state["step"], state["epoch"], state["nimg"]
+    run.seconds = float(state.get("seconds", 0.0))
     run.epoch_step = state["epoch_nimg"] // cfg.batch_size
     run.pl_mean = state["pl_mean"].to(run.device)
     run.aug.load_state_dict(state)

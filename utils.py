@@ -8,6 +8,7 @@ import os
 import pickle
 import random
 import re
+import resource
 import socket
 import sys
 import tokenize
@@ -180,6 +181,40 @@ def config_dict(cfg):
 def save_json(obj, path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(obj, indent=2, default=list) + "\n")
+
+
+def append_jsonl(record, path):
+    """Append `record` as one JSON line (non-finite numbers as null), flushed at once: a file that
+    `tail -f` and pandas.read_json(path, lines=True) read while the run goes on."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    with open(path, "a") as f:
+        f.write(json.dumps(clean) + "\n")
+
+
+def stats_history(lines):
+    """stats.jsonl's ticks as plot_losses' (history, x): the tick means, against kimg."""
+    keys = {"real_sign": "r_t"}
+    history = {k: [np.nan if line.get(keys.get(k, k)) is None else line[keys.get(k, k)] for line in lines]
+               for k in ("loss_gen", "loss_critic", "aug_p", "real_sign")}
+    return history, [line["kimg"] for line in lines]
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines file; a last line cut short (a run killed mid-write) is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def peak_memory_mb(device):
+    """CUDA: the most memory tensors took; CPU: the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def writable_folder(path, flag, given=None):
@@ -740,16 +775,17 @@ def smooth(values, window):
         return num / den
 
 
-def plot_losses(history, path):
-    """Generator and discriminator losses per iteration, raw (faint) and smoothed, one panel each;
-    with augmentation, a third panel of its probability p and ADA's overfitting heuristic r_t."""
+def plot_losses(history, path, x=None, xlabel="iteration"):
+    """Generator and discriminator losses per iteration (or against `x`: the kimg of stats.jsonl's
+    ticks), raw (faint) and smoothed, one panel each; with augmentation, a third panel of its
+    probability p and ADA's overfitting heuristic r_t."""
     plt = pyplot()
     panels = [("loss_gen", "generator loss"), ("loss_critic", "discriminator loss")]
     augmented = any(v > 0 for v in history.get("aug_p", []))
     fig, axes = plt.subplots(len(panels) + augmented, 1, figsize=(9, 6 + 2.5 * augmented), sharex=True)
     for ax, (key, title) in zip(axes, panels):
         values = np.asarray(history.get(key, []), dtype=np.float64)
-        steps = np.arange(1, len(values) + 1)
+        steps = np.arange(1, len(values) + 1) if x is None else np.asarray(x, dtype=np.float64)
         if len(values):
             ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8, label="per iteration")
             ax.plot(steps, smooth(values, max(1, len(values) // 50)), color="tab:blue", label="smoothed")
@@ -763,10 +799,10 @@ def plot_losses(history, path):
             values = np.asarray(history.get(key, []), dtype=np.float64)
             if key == "real_sign" and len(values):
                 values = smooth(values, max(1, len(values) // 50))
-            ax.plot(np.arange(1, len(values) + 1), values, color=color, label=label)
+            ax.plot(np.arange(1, len(values) + 1) if x is None else np.asarray(x), values, color=color, label=label)
         ax.set_title("augmentation")
         ax.legend(loc="upper left")
-    axes[-1].set_xlabel("iteration")
+    axes[-1].set_xlabel(xlabel)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -783,7 +819,7 @@ def plot_metrics(metrics, path):
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels)), sharex=True, squeeze=False)
     for ax, (keys, title) in zip(axes[:, 0], panels):
         for key in keys:
-            points = [(m["nimg"] / 1000, m[key]) for m in metrics if key in m]
+            points = [(m["nimg"] / 1000, m[key]) for m in metrics if m.get(key) is not None]
             style = dict(linewidth=0.8, alpha=0.6) if key.startswith("swd_") else dict(linewidth=1.6, marker="o")
             ax.plot(*zip(*points), label=key, **style)
         ax.set_title(title)

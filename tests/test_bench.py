@@ -65,3 +65,29 @@ def test_bench_counts_model_flops_whichever_convolution_algorithm_runs(capsys, m
 
 def test_bench_bad_iters(capsys):
     assert_user_error(capsys, bench.main(["--preset", "smoke", "--iters", "0"]), "--iters")
+
+
+def test_node_check_needs_a_gpu(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert_user_error(capsys, bench.main(["--check-node"]), "--check-node needs a CUDA GPU", "--check-tiny")
+
+
+def test_node_check_tiny_benches_trains_evaluates_and_samples(data, tmp_path, capsys, monkeypatch):
+    """The whole check at its tiny size on the CPU: train.py, evaluate.py and generate_images.py run
+    as programs; the summary comes from their outputs (stats.jsonl, evaluation.json, grid.png)."""
+    monkeypatch.setattr(bench, "conv_peak_gflops", lambda device: 100.0)  # the peak's big convolution is slow here
+    out = tmp_path / "check"
+    assert bench.main(["--check-tiny", "--data-root", str(data), "--out-dir", str(out), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert s["bench"]["eager"]["img_per_s"] > 0 and s["bench"]["eager"]["resolution"] == 32
+    assert s["kimg"] > 0 and s["img_per_s"] > 0 and s["sec_per_kimg"] == pytest.approx(1000 / s["img_per_s"])
+    assert s["evaluation"]["swd"] > 0 and 0 <= s["evaluation"]["recall"] <= 1
+    assert (out / "samples" / "grid.png").is_file() and s["grid"] == str(out / "samples" / "grid.png")
+    assert json.loads((out / "summary.json").read_text())["kimg"] == s["kimg"]
+    assert "node check on" in bench.node_report(s)
+
+
+def test_node_check_names_a_failed_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "bench", lambda cfg, iters, warmup: {})
+    code = bench.main(["--check-tiny", "--data-root", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "c")])
+    assert_user_error(capsys, code, "the training of the node check failed (exit 2)", "missing", "train.log")
