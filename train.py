@@ -259,7 +259,7 @@ def evaluate_now(run, cfg, evaluator, metric, save_best, samples):
     previous = [m[metric] for m in run.metrics if metric in m]
     run.metrics.append(dict(epoch=run.epoch, step=run.step, nimg=run.nimg, **figures))
     append_jsonl(dict(kimg=run.nimg / 1000, nimg=run.nimg, step=run.step, epoch=run.epoch, time_s=run.seconds,
-                      **figures), Path(cfg.out_dir) / "metrics.jsonl")
+                      train_s=run.seconds - run.maintenance_seconds, **figures), Path(cfg.out_dir) / "metrics.jsonl")
     printed = ("swd", "fid", "kid", "ms_ssim_fake", "precision", "recall", "d_overfit", "copy_rate")
     shown = {k: v for k, v in figures.items() if k in printed}
     tqdm.write(f"kimg {run.nimg / 1000:g} (epoch {run.epoch}) evaluation: "
@@ -413,16 +413,19 @@ class TrainingStats:
         try:
             yield
         finally:
-            self.maintenance += time.perf_counter() - start
+            spent = time.perf_counter() - start
+            self.maintenance += spent
+            self.run.maintenance_seconds += spent
 
     def write(self):
         run = self.run
         if run.nimg == self.nimg:
             return
         now = self.seconds()
-        train_s, kimg = max(now - self.time - self.maintenance, 1e-9), (run.nimg - self.nimg) / 1000
+        busy, kimg = max(now - self.time - self.maintenance, 1e-9), (run.nimg - self.nimg) / 1000
         line = dict(kimg=run.nimg / 1000, nimg=run.nimg, step=run.step, epoch=run.epoch, time_s=now,
-                    sec_per_kimg=train_s / kimg, img_per_s=1000 * kimg / train_s, maintenance_s=self.maintenance)
+                    train_s=now - run.maintenance_seconds, sec_per_kimg=busy / kimg, img_per_s=1000 * kimg / busy,
+                    maintenance_s=self.maintenance)
         for key in HISTORY_KEYS:
             values = [v for v in run.history[key][self.index:] if math.isfinite(v)]
             name = "r_t" if key == "real_sign" else key

@@ -77,6 +77,7 @@ class TrainingRun:
     epoch_step: int = 0  # iterations done in the current epoch
     nimg: int = 0  # real images shown to D
     seconds: float = 0.0  # wall time of training so far, across resumes (stats.jsonl)
+    maintenance_seconds: float = 0.0  # the part of it spent on grids, evaluations and checkpoints
     history: dict = field(default_factory=lambda: {k: [] for k in HISTORY_KEYS})  # per-iteration losses
     metrics: list = field(default_factory=list)  # evaluations during training
     last: dict = field(default_factory=dict)  # the latest loss values (progress bar)
@@ -249,6 +250,7 @@ def checkpoint_state(run, cfg):
         G=run.G.state_dict(), D=run.D.state_dict(), G_ema=run.G_ema.state_dict(),
         opt_G=run.opt_G.state_dict(), opt_D=run.opt_D.state_dict(),
         step=run.step, epoch=run.epoch, epoch_nimg=run.epoch_step * cfg.batch_size, nimg=run.nimg, seconds=run.seconds,
+        maintenance_seconds=run.maintenance_seconds,
         pl_mean=run.pl_mean.detach().cpu(), **run.aug.state_dict(),
         history={k: torch.tensor(v, dtype=torch.float32) for k, v in run.history.items()}, metrics=run.metrics,
         rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if cuda else []))
@@ -261,6 +263,7 @@ def restore(run, state, cfg, data):
         getattr(run, name).load_state_dict(state[name])
     run.step, run.epoch, run.nimg = state["step"], state["epoch"], state["nimg"]
     run.seconds = float(state.get("seconds", 0.0))
+    run.maintenance_seconds = float(state.get("maintenance_seconds", 0.0))
     run.epoch_step = state["epoch_nimg"] // cfg.batch_size
     run.pl_mean = state["pl_mean"].to(run.device)
     run.aug.load_state_dict(state)

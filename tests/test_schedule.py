@@ -34,7 +34,8 @@ def test_kimg_sets_the_length_and_snapshots_come_every_snapshot_kimg(kimg_run):
     assert (samples / "fakes_000000.png").is_file() and not list(samples.glob("epoch_*.png"))
     evaluations = lines(kimg_run / "metrics.jsonl")
     assert [m["nimg"] for m in evaluations] == [40, 80]
-    assert {"kimg", "step", "time_s", "swd", "precision", "copy_rate"} <= set(evaluations[0])
+    assert {"kimg", "step", "time_s", "train_s", "swd", "precision", "copy_rate"} <= set(evaluations[0])
+    assert 0 < evaluations[0]["train_s"] <= evaluations[0]["time_s"]
 
 
 def test_stats_lines_hold_the_tick_means_of_the_losses(kimg_run):
@@ -50,6 +51,8 @@ def test_stats_lines_hold_the_tick_means_of_the_losses(kimg_run):
         assert tick["mem_mb"] > 0 and tick["lr_G"] > 0 and tick["maintenance_s"] >= 0
     assert [t["time_s"] for t in ticks] == sorted(t["time_s"] for t in ticks)
     assert ticks[2]["maintenance_s"] > 0  # the snapshot at 40 images fell in the third tick
+    spent = ticks[-1]["time_s"] - ticks[-1]["train_s"]  # maintenance before the last line was written
+    assert spent == pytest.approx(sum(t["maintenance_s"] for t in ticks), abs=1e-6)
     assert ticks[0]["gp"] is not None and ticks[1]["gp"] is None  # the penalty ran at step 0 only, then step 4
 
 
