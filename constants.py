@@ -195,11 +195,13 @@ RANGES = {  # inclusive (low, high); None: unbounded
 
 # --- presets: --preset NAME applies these before the flags ----------------------------
 PRESETS = {
-    # The built-in demo set at 64x64 with a small model and StyleGAN2's logistic loss + R1 (gamma
-    # scaled to 64x64 as in StyleGAN2-ADA): 6 epochs, about 6 to 13 minutes on a 2-core CPU.
+    # The built-in demo set at 64x64: a small model with StyleGAN2's logistic loss + R1, tuned for
+    # quality per minute of a short CPU run (docs/results.md): batch 8, a strong R1 (gamma 4) and a
+    # higher learning rate; no path-length penalty or style mixing, 2 mapping layers. 6 epochs.
     "demo": dict(DATA_ROOT=DEMO_ROOT, RESOLUTION=64, CHANNEL_BASE=1024, CHANNEL_MAX=64, Z_DIM=64, W_DIM=64,
-                 MAPPING_LAYERS=4, BATCH_SIZE=16, EPOCHS=6, SAMPLE_EVERY=1, CHECKPOINT_EVERY=1,
-                 LOSS="logistic", R1_GAMMA=0.1, EVAL_EVERY=2),
+                 MAPPING_LAYERS=2, BATCH_SIZE=8, EPOCHS=6, SAMPLE_EVERY=1, CHECKPOINT_EVERY=1,
+                 LOSS="logistic", R1_GAMMA=4.0, G_LR=0.003, D_LR=0.003, PL_WEIGHT=0.0,
+                 STYLE_MIXING_PROB=0.0, EVAL_EVERY=3),
     # Seed 000's setup: ADNI at 256x256, z = w = 256, 8 mapping layers, WGAN-GP every step,
     # path length every 16 batches, cyclic learning rate, resize + vertical flips.
     "adni256": dict(RESOLUTION=256, RESIZE_MODE="resize", VFLIP=True, HFLIP=False, Z_DIM=256, W_DIM=256,
