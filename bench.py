@@ -43,6 +43,7 @@ from utils import (
 B = constants.BENCH
 ITERS, WARMUP, GENERATION_BATCH, PEAK_CONV = B["iters"], B["warmup"], B["generation_batch"], B["peak_conv"]
 NODE = constants.NODE_CHECK
+NODE_FIGURES = ("swd", "ms_ssim_fake", "ms_ssim_real", "precision", "recall", "copy_rate")  # in the summary
 EXTRA_FLAGS = [
     (("--preset",), dict(choices=sorted(constants.PRESETS), help="named set of settings from constants.PRESETS")),
     (("--iters",), dict(type=int, metavar="N", help=f"timed training iterations (default: {ITERS})")),
@@ -264,9 +265,6 @@ def check_node(given, tiny):
                    grid=str(out / "samples" / "grid.png"), total_seconds=time.perf_counter() - start)
     save_json(summary, out / "summary.json")
     return summary
-
-
-NODE_FIGURES = ("swd", "ms_ssim_fake", "ms_ssim_real", "precision", "recall", "copy_rate")
 
 
 def node_report(s):
