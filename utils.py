@@ -187,8 +187,9 @@ def append_jsonl(record, path):
     """Append `record` as one JSON line (non-finite numbers as null), flushed at once: a file that
     `tail -f` and pandas.read_json(path, lines=True) read while the run goes on."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-    with open(path, "a") as f:
-        f.write(json.dumps(clean) + "\n")
+    with open(path, "a+b") as f:
+        cut = f.tell() > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"  # a run killed mid-line
+        f.write((("\n" if cut else "") + json.dumps(clean) + "\n").encode())
 
 
 def stats_history(lines):
@@ -200,7 +201,7 @@ def stats_history(lines):
 
 
 def read_jsonl(path):
-    """The records of a JSON-lines file; a last line cut short (a run killed mid-write) is skipped."""
+    """The records of a JSON-lines file; a line cut short (a run killed mid-write) is skipped."""
     records = []
     for line in Path(path).read_text().splitlines():
         try:

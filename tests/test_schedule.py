@@ -9,7 +9,7 @@ from conftest import smoke
 
 import generate_images
 import train
-from utils import read_checkpoint, read_jsonl
+from utils import append_jsonl, read_checkpoint, read_jsonl
 
 SCHEDULE = ("--kimg", "0.1", "--snapshot-kimg", "0.04", "--tick-kimg", "0.016", "--eval-n", "16")
 
@@ -88,10 +88,12 @@ def test_a_fresh_run_starts_new_logs(data, tmp_path):
     assert [t["step"] for t in lines(out / "stats.jsonl")] == [1, 2, 3]
 
 
-def test_a_cut_last_line_is_skipped_when_read(tmp_path):
+def test_a_cut_line_is_skipped_when_read_and_the_next_line_starts_afresh(tmp_path):
     path = tmp_path / "stats.jsonl"
     path.write_text('{"kimg": 4.0, "nimg": 4000}\n{"kimg": 8.0, "ni')
     assert read_jsonl(path) == [{"kimg": 4.0, "nimg": 4000}]
+    append_jsonl({"kimg": 8.0, "nimg": 8000, "gp": float("nan")}, path)  # the resumed run's next tick
+    assert read_jsonl(path) == [{"kimg": 4.0, "nimg": 4000}, {"kimg": 8.0, "nimg": 8000, "gp": None}]
 
 
 def test_loss_plots_from_the_logs(kimg_run, tmp_path, capsys):
