@@ -50,7 +50,7 @@ EXTRA_FLAGS = [
     (("--warmup",), dict(type=int, metavar="N", help=f"untimed iterations first (default: {WARMUP})")),
     (("--json",), dict(action="store_true", help="print the results as one JSON object on stdout")),
     (("--check-node",), dict(action="store_true",
-                             help=f"the GPU node check (under 10 minutes): bench.py at {NODE['bench_preset']} "
+                             help=f"the GPU node check (sized for 10 minutes): bench.py at {NODE['bench_preset']} "
                                   f"with and without --compile, {NODE['train_seconds']} s of {NODE['train_preset']} "
                                   "training on the demo data, an evaluation and a sample grid; one summary")),
     (("--check-tiny",), dict(action="store_true",
