@@ -34,6 +34,8 @@ W_AVG_BETA = 0.995  # decay of the tracked mean w used by truncation
 SPECTRAL_NORM = False  # spectral normalisation of every D layer (seed 003)
 STYLE_OP = "modconv"  # how w styles each synthesis layer: modconv (StyleGAN2) | adain (StyleGAN's AdaIN, seed 003)
 ATTENTION_RES = 0  # resolution of a self-attention block in G and D (seed 003), a power of two from 8 (0: none)
+RESAMPLE = "bilinear"  # 2x resampling: bilinear (D convolves after down-sampling) | upfirdn (StyleGAN2's own)
+CONV_CLAMP = 0.0  # limit every layer's activated output to +-CONV_CLAMP (0: none; StyleGAN2-ADA's networks use 256)
 
 # --- training -------------------------------------------------------------------------
 OUT_DIR = "."  # Models/ and saved_examples/ are created under this folder
@@ -64,6 +66,8 @@ PL_BATCH_SHRINK = 2  # the path-length penalty uses BATCH_SIZE // PL_BATCH_SHRIN
 EMA_KIMG = 10.0  # half-life of the generator's moving average, in thousands of images
 EMA_RAMPUP = 0.05  # EMA half-life is at most this fraction of the images seen so far (0: off)
 SEED = 0  # seed of every random choice: same seed, same run
+INIT_FROM = ""  # start a new run from this network: a checkpoint, an NVlabs pickle, a rosinality checkpoint
+FREEZE_D = 0  # keep D's from-image layer and its N highest-resolution blocks fixed (FreezeD, Mo et al. 2020)
 DEVICE = "auto"  # auto (CUDA when present) | cpu | cuda
 SAMPLE_EVERY = 2  # epochs between sample grids from fixed latents
 SAMPLE_COUNT = 16  # images in each sample grid
@@ -116,6 +120,7 @@ GEN_LABEL = ""  # class name (AD or NC) for a conditional model; empty: alternat
 GEN_NOISE_MODE = "const"  # const (fixed noise maps) | random | none
 GEN_DEVICE = "auto"  # auto | cpu | cuda
 GEN_BATCH = 32  # images generated at once
+GEN_Z_FILE = ""  # samples: an N x z_dim .npy array of latents, one image per row (zNNNN.png), instead of --seeds
 GEN_MIX_SEEDS = "10,11,12,13,14"  # mixing: seeds of the columns, which give the styles outside --mix-layers
 GEN_MIX_LAYERS = "0-3"  # mixing: the style layers (0 = 4x4; two per resolution) taken from the row seeds: coarse 0-3
 GEN_INTERP = "seeds"  # interpolate: seeds (a path through --seeds) | classes (AD to NC at each seed's z)
@@ -150,6 +155,9 @@ EVALUATE_SEED = 0  # seed of the generated and the chosen real images
 EVALUATE_DEVICE = "auto"  # auto | cpu | cuda
 EVALUATE_BATCH = 64  # images per forward pass
 
+# --- conversion (flags of convert.py, without the CONVERT_ prefix) ---------------------
+CONVERT_CHANNELS = "gray"  # gray (an RGB network made 1-channel by luminance weights) | keep (the source's channels)
+
 # --- valid values: checked at the command line, with the flag named in the error -----
 CHOICES = {
     "IMAGE_MODE": ("L", "RGB"),
@@ -160,6 +168,8 @@ CHOICES = {
     "DEVICE": ("auto", "cpu", "cuda"),
     "WINOGRAD": ("auto", "on", "off"),
     "STYLE_OP": ("modconv", "adain"),
+    "RESAMPLE": ("bilinear", "upfirdn"),
+    "CONVERT_CHANNELS": ("gray", "keep"),
     "GEN_NOISE_MODE": ("const", "random", "none"),
     "GEN_DEVICE": ("auto", "cpu", "cuda"),
     "GEN_MODE": ("samples", "mixing", "interpolate", "tsne", "truncation", "project", "losses"),
@@ -190,7 +200,7 @@ RANGES = {  # inclusive (low, high); None: unbounded
     "EVALUATE_CAS_EPOCHS": (1, None), "EVALUATE_TRUNCATION": (0, 10), "EVALUATE_SEED": (0, 2**63 - 1),
     "EVALUATE_BATCH": (1, None), "ROTATE": (0, 180), "JITTER": (0, 1),
     "AUGMENT_P": (0, 1), "ADA_TARGET": (0, 1), "ADA_INTERVAL": (1, None), "ADA_KIMG": (1e-6, None),
-    "PROGRESSIVE_KIMG": (1e-6, None),
+    "PROGRESSIVE_KIMG": (1e-6, None), "CONV_CLAMP": (0, None), "FREEZE_D": (0, None),
 }
 
 # --- presets: --preset NAME applies these before the flags ----------------------------

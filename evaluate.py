@@ -55,6 +55,10 @@ DESCRIPTIONS = {
     "copy_rate": "share of generated slices nearer a training slice than 99% of held-out slices are (copies)",
     "authenticity": "share of generated slices farther from their nearest training slice than its own "
                     "nearest neighbour is (Alaa et al. 2022; higher is better)",
+    "nn_dist_fake_d": "nn_dist_fake in the discriminator's feature space (its units)",
+    "nn_dist_heldout_d": "nn_dist_heldout in the discriminator's feature space",
+    "copy_rate_d": "copy_rate in the discriminator's feature space",
+    "authenticity_d": "authenticity in the discriminator's feature space",
 }
 
 

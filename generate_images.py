@@ -114,18 +114,38 @@ def require_classes(G, what):
 # ---------------------------------------------------------------------------------------
 # samples, truncation, losses
 # ---------------------------------------------------------------------------------------
+def latents_file(path, z_dim):
+    """--z-file: an (N, z_dim) array of finite numbers in a .npy file, as float32 latents."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"--z-file {path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"--z-file {path} is not a NumPy .npy array of numbers ({str(e).splitlines()[0]})") from None
+    if z.ndim != 2 or z.shape[1] != z_dim or not len(z) or z.dtype.kind not in "biuf":
+        raise UserError(f"--z-file {path} holds a {z.dtype} array of shape {list(z.shape)}; this generator needs "
+                        f"N x {z_dim} numbers")
+    if not np.isfinite(z).all():
+        raise UserError(f"--z-file {path} holds NaN or infinite values")
+    return torch.from_numpy(z.astype(np.float32))
+
+
 def run_samples(cfg, state, G, device, out):
-    seeds = parse_seeds(cfg.seeds, range(cfg.n))
-    labels = labels_for(state, cfg.label, len(seeds))
-    z = seed_latents(seeds, G.z_dim)
+    if cfg.z_file:
+        z = latents_file(cfg.z_file, G.z_dim)
+        names = [f"z{i:04d}" for i in range(len(z))]
+    else:
+        seeds = parse_seeds(cfg.seeds, range(cfg.n))
+        z, names = seed_latents(seeds, G.z_dim), [f"seed{seed:04d}" for seed in seeds]
+    labels = labels_for(state, cfg.label, len(z))
     images = images_from_latents(G, z, labels, cfg.truncation, cfg.noise_mode, cfg.batch, device)
-    names = state["class_names"]
-    for i, (seed, image) in enumerate(zip(seeds, images)):
-        suffix = f"_{names[labels[i]]}" if labels is not None else ""
-        save_image(image, out / f"seed{seed:04d}{suffix}.png")
+    classes = state["class_names"]
+    for i, (name, image) in enumerate(zip(names, images)):
+        suffix = f"_{classes[labels[i]]}" if labels is not None else ""
+        save_image(image, out / f"{name}{suffix}.png")
     save_grid(images, out / "grid.png", ncol=8)
     plot_losses(state["history"], out / "losses.png")
-    return f"{len(seeds)} images (truncation {cfg.truncation})"
+    return f"{len(z)} images (truncation {cfg.truncation})"
 
 
 def truncation_grid(cfg, state, G, device, seeds):
@@ -443,6 +463,8 @@ def main(argv=None):
         G = load_generator(state, device)
         if cfg.label and cfg.mode not in ("samples", "mixing", "interpolate", "truncation", "project"):
             raise UserError(f"--label is not used by --mode {cfg.mode}")
+        if cfg.z_file and (cfg.mode != "samples" or cfg.seeds):
+            raise UserError("--z-file takes the place of --seeds in --mode samples")
         if cfg.label:
             class_index(state, cfg.label)
         summary = MODES[cfg.mode](cfg, state, G, device, out)

@@ -259,18 +259,32 @@ def nearest(query, reference, exclude_self=False, chunk=512):
     return torch.cat(dists), torch.cat(index)
 
 
-def memorisation_reference(train, heldout=None):
+@torch.no_grad()
+def d_features(D, images, device, batch=64):
+    """The discriminator's features of images (N, C, R, R) in [-1, 1], flattened on the CPU: its
+    learned space for the memorisation audit (each image's own, before the minibatch std)."""
+    was_training = D.training
+    D.eval()
+    try:
+        return torch.cat([D.features(images[i:i + batch].to(device)).float().flatten(1).cpu()
+                          for i in range(0, len(images), batch)])
+    finally:
+        D.train(was_training)
+
+
+def memorisation_reference(train, heldout=None, features=memo_features):
     """What the memorisation audit needs of the real slices, computed once: the training slices'
     features, each one's distance to its nearest other training slice, and the held-out slices'
     distances to their nearest training slice (or None)."""
-    train = memo_features(train)
+    train = features(train)
     d_train, _ = nearest(train, train, exclude_self=True)
-    d_heldout = nearest(memo_features(heldout), train)[0] if heldout is not None else None
+    d_heldout = nearest(features(heldout), train)[0] if heldout is not None else None
     return train, d_train, d_heldout
 
 
-def memorisation(fake, train, heldout=None, reference=None):
-    """Whether generated slices copy training slices, in pixel space (RMS difference, [-1, 1] units).
+def memorisation(fake, train, heldout=None, reference=None, features=memo_features):
+    """Whether generated slices copy training slices, by default in pixel space (RMS difference,
+    [-1, 1] units); `features` maps images to another space (the discriminator's: d_features).
 
     nn_dist_fake, nn_dist_heldout: mean distance from each generated (held-out real) slice to its
     nearest training slice. copy_rate: the share of generated slices closer to a training slice than
@@ -279,8 +293,8 @@ def memorisation(fake, train, heldout=None, reference=None):
     farther from their nearest training slice than that slice is from its own nearest other
     training slice. `reference`: memorisation_reference(train, heldout), when already computed.
     Returns (figures, (distance, index of the nearest training slice) per fake)."""
-    train, d_train, d_heldout = reference or memorisation_reference(train, heldout)
-    d_fake, idx = nearest(memo_features(fake), train)
+    train, d_train, d_heldout = reference or memorisation_reference(train, heldout, features)
+    d_fake, idx = nearest(features(fake), train)
     out = dict(nn_dist_fake=d_fake.mean().item(), authenticity=(d_fake > d_train[idx]).float().mean().item())
     if d_heldout is not None:
         threshold = torch.quantile(d_heldout, 0.01)
@@ -519,15 +533,22 @@ class Evaluator:
     def discriminator_figures(self, D, fake, device):
         """D's mean score on the training reals, the fakes and (when there are) held-out reals, and
         d_overfit: the share of D's real-fake margin that held-out reals lose (StyleGAN2-ADA's sign
-        of a memorising D): 0 when D scores unseen reals like training reals, 1 when like fakes."""
-        out = dict(d_real=d_scores(D, to_model_range(self.real_uint8), self.labels, device, self.batch),
+        of a memorising D): 0 when D scores unseen reals like training reals, 1 when like fakes.
+        Also the memorisation audit in D's feature space (keys ending _d)."""
+        real = to_model_range(self.real_uint8)
+        out = dict(d_real=d_scores(D, real, self.labels, device, self.batch),
                    d_fake=d_scores(D, fake, self.labels, device, self.batch))
+        heldout = None
         if self.heldout is not None:
             images, labels = self.heldout
-            out["d_heldout"] = d_scores(D, to_model_range(images), labels, device, self.batch)
+            heldout = to_model_range(images)
+            out["d_heldout"] = d_scores(D, heldout, labels, device, self.batch)
             margin = out["d_real"] - out["d_fake"]
             if margin != 0:
                 out["d_overfit"] = (out["d_real"] - out["d_heldout"]) / margin
+        features = lambda x: d_features(D, x, device, self.batch)  # noqa: E731
+        figures, _ = memorisation(fake, real, heldout, features=features)
+        out.update({f"{k}_d": v for k, v in figures.items()})
         return out
 
     def compare(self, fake):

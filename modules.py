@@ -22,20 +22,40 @@ def pixel_norm(x, eps=1e-8):
     return x * (x.square().mean(dim=1, keepdim=True) + eps).rsqrt()
 
 
-def upsample2x(x):
-    """Bilinear 2x up-sampling (the [1, 3, 3, 1] filter of StyleGAN2)."""
+def _filter(x, gain=1.0):  # -> (C, 1, 4, 4)
+    """StyleGAN2's [1, 3, 3, 1] low-pass filter, normalised to sum `gain`, one copy per channel of x."""
+    tap = torch.tensor([1.0, 3.0, 3.0, 1.0], device=x.device, dtype=x.dtype)
+    return (torch.outer(tap, tap) * (gain / 64)).expand(x.shape[1], 1, 4, 4)
+
+
+def upsample2x(x, resample="bilinear"):  # (N, C, H, W) -> (N, C, 2H, 2W)
+    """2x up-sampling with the [1, 3, 3, 1] filter. bilinear: bilinear interpolation, which repeats
+    the border pixels; upfirdn: StyleGAN2's upfirdn2d, which takes the image as zero outside."""
+    if resample == "upfirdn":
+        return conv2d(x, _filter(x, 4.0), stride=2, padding=1, groups=x.shape[1], transpose=True)
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
-def downsample2x(x):  # (N, C, H, W) -> (N, C, H/2, W/2)
-    """Anti-aliased 2x down-sampling (the [1, 3, 3, 1] filter of StyleGAN2): the same as antialiased
-    bilinear interpolation to half size (the filter renormalised at the borders), as one depthwise
-    strided convolution, which is faster than F.interpolate's antialias path and its backward."""
-    c, h, w = x.shape[1:]
-    tap = torch.tensor([1.0, 3.0, 3.0, 1.0], device=x.device, dtype=x.dtype) / 8
-    rows = _border_norm(h, x.device, x.dtype)[:, None] * _border_norm(w, x.device, x.dtype)[None, :]
-    kernel = torch.outer(tap, tap).expand(c, 1, 4, 4)
-    return conv2d(x, kernel, stride=2, padding=1, groups=c) * rows
+def downsample2x(x, resample="bilinear"):  # (N, C, H, W) -> (N, C, H/2, W/2)
+    """Anti-aliased 2x down-sampling with the [1, 3, 3, 1] filter, as one depthwise strided
+    convolution. bilinear: the same as antialiased bilinear interpolation to half size (the filter
+    renormalised at the borders), faster than F.interpolate's antialias path and its backward;
+    upfirdn: StyleGAN2's upfirdn2d, zero outside the image."""
+    out = conv2d(x, _filter(x), stride=2, padding=1, groups=x.shape[1])
+    if resample == "upfirdn":
+        return out
+    h, w = x.shape[2:]
+    return out * (_border_norm(h, x.device, x.dtype)[:, None] * _border_norm(w, x.device, x.dtype)[None, :])
+
+
+def blur(x, padding):  # (N, C, H, W) -> (N, C, H + 2 * padding - 3, W + 2 * padding - 3)
+    """The [1, 3, 3, 1] filter at full resolution, zero outside the image (before a strided convolution)."""
+    return conv2d(x, _filter(x), padding=padding, groups=x.shape[1])
+
+
+def clamp(x, limit):
+    """x limited to [-limit, limit] (StyleGAN2-ADA's conv_clamp, a guard against float16 overflow); 0: as it is."""
+    return x.clamp(-limit, limit) if limit else x
 
 
 def _border_norm(size, device, dtype):
@@ -70,22 +90,28 @@ class EqualLinear(nn.Module):
 
 
 class EqualConv2d(nn.Module):
-    """Convolution with equalised learning rate; `down` halves the resolution first."""
+    """Convolution with equalised learning rate; `down` halves the resolution. resample bilinear:
+    down-sample, then convolve at the lower resolution; upfirdn (StyleGAN2's own): a 3x3 kernel
+    strides over the blurred image, a 1x1 one convolves the down-sampled image. `clamp` limits the
+    activated output."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, bias=True, activation=True, down=False):
+    def __init__(self, in_channels, out_channels, kernel_size, bias=True, activation=True, down=False,
+                 resample="bilinear", clamp=0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         self.scale = 1 / math.sqrt(in_channels * kernel_size**2)
-        self.activation, self.down = activation, down
+        self.activation, self.down, self.resample, self.clamp = activation, down, resample, clamp
 
     def forward(self, x):
-        if self.down:
-            x = downsample2x(x)
-        x = conv2d(x, self.weight * self.scale, padding=self.weight.shape[-1] // 2)
+        weight, k = self.weight * self.scale, self.weight.shape[-1]
+        if self.down and self.resample == "upfirdn" and k > 1:
+            x = conv2d(blur(x, padding=2), weight, stride=2)  # (N, C, H, W) -> (N, C', H/2, W/2)
+        else:
+            x = conv2d(downsample2x(x, self.resample) if self.down else x, weight, padding=k // 2)
         if self.bias is not None:
             x = x + self.bias[None, :, None, None]
-        return lrelu(x) if self.activation else x
+        return clamp(lrelu(x), self.clamp) if self.activation else x
 
 
 class Blur(nn.Module):
@@ -243,48 +269,53 @@ class AdaIN(nn.Module):
 
 class StyledLayer(nn.Module):
     """One synthesis layer. style_op modconv (StyleGAN2): modulated 3x3 convolution, noise, bias,
-    leaky ReLU. adain (StyleGAN): plain 3x3 convolution, noise, bias, leaky ReLU, then AdaIN."""
+    leaky ReLU. adain (StyleGAN): plain 3x3 convolution, noise, bias, leaky ReLU, then AdaIN.
+    `clamp` limits the activated output."""
 
-    def __init__(self, in_channels, out_channels, w_dim, resolution, up=False, style_op="modconv"):
+    def __init__(self, in_channels, out_channels, w_dim, resolution, up=False, style_op="modconv", clamp=0.0):
         super().__init__()
         self.conv = ModulatedConv2d(in_channels, out_channels, 3, w_dim, up=up, modulate=style_op == "modconv")
         self.noise = NoiseInjection(resolution)
         self.bias = nn.Parameter(torch.zeros(out_channels))
         self.adain = AdaIN(out_channels, w_dim) if style_op == "adain" else None
+        self.clamp = clamp
 
     def forward(self, x, w, noise_mode="random"):
         x = self.noise(self.conv(x, w), noise_mode)
-        x = lrelu(x + self.bias[None, :, None, None])
+        x = clamp(lrelu(x + self.bias[None, :, None, None]), self.clamp)
         return self.adain(x, w) if self.adain is not None else x
 
 
 class ToImage(nn.Module):
     """1x1 modulated convolution (no demodulation) from features to the image channels."""
 
-    def __init__(self, in_channels, img_channels, w_dim):
+    def __init__(self, in_channels, img_channels, w_dim, clamp=0.0):
         super().__init__()
         self.conv = ModulatedConv2d(in_channels, img_channels, 1, w_dim, demodulate=False)
         self.bias = nn.Parameter(torch.zeros(img_channels))
+        self.clamp = clamp
 
     def forward(self, x, w):
-        return self.conv(x, w) + self.bias[None, :, None, None]
+        return clamp(self.conv(x, w) + self.bias[None, :, None, None], self.clamp)
 
 
 class SynthesisBlock(nn.Module):
     """One resolution of the skip generator: up-sampling conv, conv, and an image output that is
     added to the up-sampled image of the previous resolution. Uses three w's."""
 
-    def __init__(self, in_channels, out_channels, w_dim, resolution, img_channels, style_op="modconv"):
+    def __init__(self, in_channels, out_channels, w_dim, resolution, img_channels, style_op="modconv",
+                 resample="bilinear", clamp=0.0):
         super().__init__()
-        self.conv0 = StyledLayer(in_channels, out_channels, w_dim, resolution, up=True, style_op=style_op)
-        self.conv1 = StyledLayer(out_channels, out_channels, w_dim, resolution, style_op=style_op)
-        self.to_img = ToImage(out_channels, img_channels, w_dim)
+        self.conv0 = StyledLayer(in_channels, out_channels, w_dim, resolution, up=True, style_op=style_op, clamp=clamp)
+        self.conv1 = StyledLayer(out_channels, out_channels, w_dim, resolution, style_op=style_op, clamp=clamp)
+        self.to_img = ToImage(out_channels, img_channels, w_dim, clamp)
+        self.resample = resample
 
     def forward(self, x, img, ws, noise_mode="random", weight=1.0):  # x (N, Cin, R/2, R/2) -> (N, Cout, R, R)
         x = self.conv0(x, ws[:, 0], noise_mode)
         x = self.conv1(x, ws[:, 1], noise_mode)
         out = self.to_img(x, ws[:, 2])
-        return x, upsample2x(img) + (out if weight == 1 else out * weight)  # weight < 1: fading in
+        return x, upsample2x(img, self.resample) + (out if weight == 1 else out * weight)  # weight < 1: fading in
 
 
 class SynthesisNetwork(nn.Module):
@@ -292,18 +323,20 @@ class SynthesisNetwork(nn.Module):
 
     `level` is progressive training's growth level (None: every resolution): the image output of
     the block at 4 * 2^k has weight clamp(level - k + 1, 0, 1), blocks with weight 0 are skipped,
-    and the image is up-sampled to the output resolution."""
+    and the image is up-sampled to the output resolution. `resample` and `clamp`: see
+    SynthesisBlock and StyledLayer."""
 
     def __init__(self, w_dim, resolution, img_channels, channel_base, channel_max, attention_res=0,
-                 style_op="modconv"):
+                 style_op="modconv", resample="bilinear", clamp=0.0):
         super().__init__()
         ch = lambda r: channels_at(r, channel_base, channel_max)  # noqa: E731
         self.const = nn.Parameter(torch.randn(ch(4), 4, 4))
-        self.conv = StyledLayer(ch(4), ch(4), w_dim, 4, style_op=style_op)
-        self.to_img = ToImage(ch(4), img_channels, w_dim)
+        self.conv = StyledLayer(ch(4), ch(4), w_dim, 4, style_op=style_op, clamp=clamp)
+        self.to_img = ToImage(ch(4), img_channels, w_dim, clamp)
         self.resolutions = [2**i for i in range(3, int(math.log2(resolution)) + 1)]
-        self.blocks = nn.ModuleList(SynthesisBlock(ch(r // 2), ch(r), w_dim, r, img_channels, style_op)
+        self.blocks = nn.ModuleList(SynthesisBlock(ch(r // 2), ch(r), w_dim, r, img_channels, style_op, resample, clamp)
                                     for r in self.resolutions)
+        self.resample = resample
         self.attention_res = attention_res
         self.attention = SelfAttention(ch(attention_res)) if attention_res else None  # after that block
         self.num_ws = 2 + 2 * len(self.blocks)
@@ -321,7 +354,7 @@ class SynthesisNetwork(nn.Module):
             if res == self.attention_res:
                 x = self.attention(x)
         while img.shape[-1] < self.resolutions[-1]:  # a growing generator: up to the output size
-            img = upsample2x(img)
+            img = upsample2x(img, self.resample)
         return img
 
 
@@ -330,12 +363,12 @@ class Generator(nn.Module):
 
     def __init__(self, z_dim, w_dim, mapping_layers, resolution, img_channels, num_classes=0,
                  channel_base=16384, channel_max=256, mapping_lr_mult=0.01, w_avg_beta=0.995, attention_res=0,
-                 style_op="modconv"):
+                 style_op="modconv", resample="bilinear", conv_clamp=0.0):
         super().__init__()
         self.z_dim, self.num_classes = z_dim, num_classes
         self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, num_classes, mapping_lr_mult, w_avg_beta)
         self.synthesis = SynthesisNetwork(w_dim, resolution, img_channels, channel_base, channel_max, attention_res,
-                                          style_op)
+                                          style_op, resample, conv_clamp)
         self.num_ws = self.synthesis.num_ws
 
     def make_ws(self, z, labels=None, truncation=1.0, mixing_prob=0.0, update_w_avg=False):
@@ -393,11 +426,12 @@ class MinibatchStdDev(nn.Module):
 class DiscriminatorBlock(nn.Module):
     """Residual block: 3x3 conv, down-sampling 3x3 conv, plus a down-sampled 1x1 skip; sum / sqrt(2)."""
 
-    def __init__(self, in_channels, out_channels):
+    def __init__(self, in_channels, out_channels, resample="bilinear", clamp=0.0):
         super().__init__()
-        self.conv0 = EqualConv2d(in_channels, in_channels, 3)
-        self.conv1 = EqualConv2d(in_channels, out_channels, 3, down=True)
-        self.skip = EqualConv2d(in_channels, out_channels, 1, bias=False, activation=False, down=True)
+        self.conv0 = EqualConv2d(in_channels, in_channels, 3, clamp=clamp)
+        self.conv1 = EqualConv2d(in_channels, out_channels, 3, down=True, resample=resample, clamp=clamp)
+        self.skip = EqualConv2d(in_channels, out_channels, 1, bias=False, activation=False, down=True,
+                                resample=resample)
 
     def forward(self, x):  # (N, Cin, R, R) -> (N, Cout, R/2, R/2)
         return (self.skip(x) + self.conv1(self.conv0(x))) / SQRT2
@@ -418,25 +452,29 @@ class Discriminator(nn.Module):
     conditional models add a projection of the class embedding onto the final features."""
 
     def __init__(self, resolution, img_channels, num_classes=0, channel_base=16384, channel_max=256, mbstd_group=4,
-                 spectral_norm=False, attention_res=0):
+                 spectral_norm=False, attention_res=0, resample="bilinear", conv_clamp=0.0):
         super().__init__()
         ch = lambda r: channels_at(r, channel_base, channel_max)  # noqa: E731
         self.num_classes = num_classes
-        self.from_img = EqualConv2d(img_channels, ch(resolution), 1)
+        self.from_img = EqualConv2d(img_channels, ch(resolution), 1, clamp=conv_clamp)
         resolutions = [2**i for i in range(int(math.log2(resolution)), 2, -1)]
         self.blocks = nn.Sequential(*[layer for r in resolutions for layer in  # attention before that block
                                       ([SelfAttention(ch(r))] if r == attention_res else []) +
-                                      [DiscriminatorBlock(ch(r), ch(r // 2))]])
+                                      [DiscriminatorBlock(ch(r), ch(r // 2), resample, conv_clamp)]])
         self.mbstd = MinibatchStdDev(mbstd_group)
-        self.conv = EqualConv2d(ch(4) + 1, ch(4), 3)
+        self.conv = EqualConv2d(ch(4) + 1, ch(4), 3, clamp=conv_clamp)
         self.fc = EqualLinear(ch(4) * 16, ch(4), activation=True)
         self.out = EqualLinear(ch(4), 1)
         self.embed = EqualLinear(num_classes, ch(4), bias=False) if num_classes else None
         if spectral_norm:
             apply_spectral_norm(self)
 
+    def features(self, img):  # (N, C, R, R) -> (N, ch(4), 4, 4)
+        """Each image's own features: the blocks' output, before the minibatch standard deviation."""
+        return self.blocks(self.from_img(img))
+
     def forward(self, img, labels=None):  # (N, C, R, R) -> (N,)
-        x = self.blocks(self.from_img(img))  # (N, ch(4), 4, 4)
+        x = self.features(img)  # (N, ch(4), 4, 4)
         h = self.fc(self.conv(self.mbstd(x)).flatten(1))  # (N, ch(4))
         score = self.out(h).squeeze(1)
         if self.num_classes:

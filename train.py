@@ -22,6 +22,7 @@ from tqdm import tqdm
 import constants
 from dataset import EpochSampler, load_slices, to_model_range
 from metrics import Evaluator, best_metric, heldout_slices, load_inception
+from pretrained import describe, load_pretrained
 from training import (
     HISTORY_KEYS,
     TRAINING_KEYS,
@@ -29,6 +30,7 @@ from training import (
     build_run,
     cache_on_device,
     checkpoint_state,
+    initialise,
     restore,
     set_growth_level,
     setup_device,
@@ -71,7 +73,8 @@ from utils import (
 # Settings that define the network's shape: a resumed run must keep them.
 ARCHITECTURE = ("RESOLUTION", "IMAGE_MODE", "Z_DIM", "W_DIM", "MAPPING_LAYERS", "MAPPING_LR_MULT",
                 "CHANNEL_BASE", "CHANNEL_MAX", "CONDITIONAL", "MBSTD_GROUP", "SPECTRAL_NORM", "ATTENTION_RES",
-                "STYLE_OP")
+                "STYLE_OP", "RESAMPLE", "CONV_CLAMP")
+KEPT_ON_RESUME = ARCHITECTURE + ("FREEZE_D",)  # also fixes which parameters D's optimiser holds
 RUN_OUTPUTS = ("epoch_*.png", "step_*.png", "fakes_*.png", "reals.png", "losses.png", "metrics.json", "metrics.png",
                "memorisation.png", "config.json")
 LOGS = ("stats.jsonl", "metrics.jsonl")  # in OUT_DIR: a line per tick, a line per evaluation
@@ -105,19 +108,23 @@ def run_folder(given, opts):
 
 
 def settings(given, opts, out, main_process=True):
-    """-> (config, checkpoint state or None). A fresh run needs an OUT_DIR whose Models/ holds no
-    other run's checkpoints (or --overwrite, which deletes them); --resume takes the checkpoint's
-    settings as the base. The main process tidies Models/ (it holds the run's lock): unfinished
-    temporary files go, and on resume the checkpoints newer than the one resumed move aside."""
+    """-> (config, checkpoint state or None, initial networks or None). A fresh run needs an OUT_DIR
+    whose Models/ holds no other run's checkpoints (or --overwrite, which deletes them); --resume
+    takes the checkpoint's settings as the base; --init-from takes the source network's
+    architecture. The main process tidies Models/ (it holds the run's lock): unfinished temporary
+    files go, and on resume the checkpoints newer than the one resumed move aside."""
     preset, resume = getattr(opts, "preset", None), getattr(opts, "resume", None)
     given = dict(given, OUT_DIR=str(out))
     models = out / "Models"
     if main_process:
         for tmp in models.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
+    if resume and "INIT_FROM" in given:
+        raise UserError("--init-from starts a new run from a network; drop it to --resume this run")
     if not resume:
         cfg = resolve_settings(given, "", preset)
         cfg.preset = preset
+        init = initial_networks(cfg, given) if cfg.init_from else None
         earlier = run_checkpoints(models)
         if earlier and not getattr(opts, "overwrite", False):
             raise UserError(f"{models} holds another run's checkpoints ({earlier[-1].name}): continue that run with "
@@ -127,11 +134,11 @@ def settings(given, opts, out, main_process=True):
         if main_process:  # logs of a run that left no checkpoint
             for name in LOGS:
                 (out / name).unlink(missing_ok=True)
-        return cfg, None
+        return cfg, None, init
     state, path = resume_checkpoint(models, resume)
     cfg = resolve_settings(given, "", preset, base=state["config"])
     trained = checkpoint_settings(state)  # settings newer than the checkpoint take their defaults
-    for name in ARCHITECTURE:
+    for name in KEPT_ON_RESUME:
         old, new = getattr(trained, name.lower()), getattr(cfg, name.lower())
         if old != new:
             raise UserError(f"{flag_of(name)} is {new!r} but {path} was trained with {old!r}; drop it to resume")
@@ -139,7 +146,27 @@ def settings(given, opts, out, main_process=True):
     if main_process:
         supersede_newer(out, state["step"], state["nimg"])
     print(f"resuming from {path} (step {state['step']})")
-    return cfg, state
+    return cfg, state, None
+
+
+def initial_networks(cfg, given):
+    """--init-from: the source network as a checkpoint of this toolkit (1-channel for gray data), its
+    architecture settings set in `cfg`; a flag given that contradicts them is refused."""
+    source, fmt = load_pretrained(cfg.init_from, "gray" if cfg.image_mode == "L" else "keep")
+    channels = source["model_args"]["G"]["img_channels"]
+    if channels != (1 if cfg.image_mode == "L" else 3):
+        raise UserError(f"--image-mode {cfg.image_mode} needs a {'3' if cfg.image_mode == 'RGB' else '1'}-channel "
+                        f"network, but --init-from {cfg.init_from} has {channels} channel(s)")
+    arch = checkpoint_settings(source)
+    for name in ARCHITECTURE:
+        theirs = getattr(arch, name.lower())
+        if name != "IMAGE_MODE" and name in given and given[name] != theirs:
+            raise UserError(f"{flag_of(name)} is {given[name]!r} but --init-from {cfg.init_from} has {theirs!r}; "
+                            "drop it (the architecture comes from the network)")
+        if name != "IMAGE_MODE":
+            setattr(cfg, name.lower(), theirs)
+    print(f"initialising from {cfg.init_from} ({fmt}): {describe(source)}")
+    return source
 
 
 def run_checkpoints(models):
@@ -345,16 +372,17 @@ def terminate_before_training():
 # ---------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------
-def train(cfg, state=None):
-    """Train until EPOCHS (or MAX_STEPS) or a stop signal. Returns the exit status."""
+def train(cfg, state=None, init=None):
+    """Train until EPOCHS (or MAX_STEPS) or a stop signal, from scratch, from a checkpoint `state`
+    (resume) or from the networks of `init` (--init-from). Returns the exit status."""
     try:
         rank, world_size, device = setup_device(cfg)
-        return train_on(cfg, state, rank, world_size, device)
+        return train_on(cfg, state, rank, world_size, device, init)
     finally:
         close_distributed()
 
 
-def train_on(cfg, state, rank, world_size, device):
+def train_on(cfg, state, rank, world_size, device, init=None):
     print(f"device: {describe_device(device)}" + (f" x {world_size} processes" if world_size > 1 else ""))
     data = load_slices(cfg)
     print(f"data: {cfg.data_root}: {data.summary()}")
@@ -365,6 +393,8 @@ def train_on(cfg, state, rank, world_size, device):
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the data set ({len(data)} images)")
     seed_everything(cfg.seed)  # the same initial networks in every process
     run = build_run(cfg, data, device)
+    if init is not None:
+        initialise(run, init, data)
     if state is not None:
         restore(run, state, cfg, data)
     set_growth_level(run, cfg)
@@ -586,8 +616,8 @@ def main(argv=None):
             if main_process:
                 writable_folder(out / "Models", "--out-dir", out)
             with RunLock(out / "Models") if main_process else contextlib.nullcontext():
-                cfg, state = settings(given, opts, out, main_process)
-                return train(cfg, state)
+                cfg, state, init = settings(given, opts, out, main_process)
+                return train(cfg, state, init)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import torch.nn as nn
 from augment import AugmentPipe, AugmentProbability, random_flips, random_rotation_and_jitter
 from dataset import to_model_range
 from losses import Objective, path_length_penalty
-from modules import Discriminator, Generator, at_growth_level
+from modules import Discriminator, DiscriminatorBlock, Generator, at_growth_level
 from ops import use_fast_kernels
 from utils import (
     CHECKPOINT_KEYS,
@@ -27,6 +27,7 @@ from utils import (
     growth_level,
     init_distributed,
     lr_factor,
+    model_args_of,
     resolve_device,
 )
 
@@ -90,21 +91,16 @@ def build_run(cfg, data, device):
     if cfg.attention_res and not (8 <= cfg.attention_res <= cfg.resolution and cfg.attention_res.bit_count() == 1):
         raise UserError(f"--attention-res {cfg.attention_res}: use 0 or a power of two from 8 to --resolution "
                         f"{cfg.resolution}")
-    model_args = dict(
-        G=dict(z_dim=cfg.z_dim, w_dim=cfg.w_dim, mapping_layers=cfg.mapping_layers, resolution=cfg.resolution,
-               img_channels=data.channels, num_classes=num_classes, channel_base=cfg.channel_base,
-               channel_max=cfg.channel_max, mapping_lr_mult=cfg.mapping_lr_mult, w_avg_beta=cfg.w_avg_beta,
-               attention_res=cfg.attention_res, style_op=cfg.style_op),
-        D=dict(resolution=cfg.resolution, img_channels=data.channels, num_classes=num_classes,
-               channel_base=cfg.channel_base, channel_max=cfg.channel_max, mbstd_group=cfg.mbstd_group,
-               spectral_norm=cfg.spectral_norm, attention_res=cfg.attention_res))
+    model_args = model_args_of(cfg, data.channels, num_classes)
     G = Generator(**model_args["G"]).to(device)
     D = Discriminator(**model_args["D"]).to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    for p in frozen_d_parameters(D, cfg.freeze_d):
+        p.requires_grad_(False)
     intervals = reg_intervals(cfg)
     betas = {net: tuple(b ** lazy_ratio(intervals[net]) for b in cfg.adam_betas) for net in "GD"}
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.g_lr, betas=betas["G"])
-    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.d_lr, betas=betas["D"])
+    opt_D = torch.optim.Adam([p for p in D.parameters() if p.requires_grad], lr=cfg.d_lr, betas=betas["D"])
     synthesis, D_main = compiled([G.synthesis, D], device) if cfg.compile else (G.synthesis, D)
     return TrainingRun(G=G, D=D, G_ema=G_ema, opt_G=opt_G, opt_D=opt_D, model_args=model_args,
                        objective=Objective.from_settings(cfg), synthesis=synthesis,
@@ -113,6 +109,33 @@ def build_run(cfg, data, device):
                        augment=AugmentPipe() if cfg.augment != "none" else None,
                        aug=AugmentProbability.from_settings(cfg),
                        pl_mean=torch.zeros([], device=device))
+
+
+def frozen_d_parameters(D, n):
+    """The parameters --freeze-d N keeps fixed (FreezeD): D's from-image layer and its N
+    highest-resolution residual blocks (with a self-attention block before one of them)."""
+    blocks = sum(isinstance(m, DiscriminatorBlock) for m in D.blocks)
+    if n > blocks:
+        raise UserError(f"--freeze-d {n}: this discriminator has {blocks} blocks")
+    frozen, count = ([D.from_img] if n else []), 0
+    for m in D.blocks:
+        if count == n:
+            break
+        frozen.append(m)
+        count += isinstance(m, DiscriminatorBlock)
+    return [p for m in frozen for p in m.parameters()]
+
+
+def initialise(run, init, data):
+    """--init-from: G, G_ema and (when the source has one) D take the source network's weights."""
+    num_classes = run.model_args["G"]["num_classes"]
+    if num_classes and num_classes != len(data.class_names):
+        raise UserError(f"--init-from is a network of {num_classes} classes; the data have {len(data.class_names)}")
+    for name in ("G", "G_ema", "D"):
+        if name in init:
+            getattr(run, name).load_state_dict(init[name])
+    if "D" not in init:
+        print("the source network has no discriminator: D starts from scratch")
 
 
 def compiled(modules, device):
@@ -201,7 +224,7 @@ def d_step(run, cfg, real, labels, regularize):
 def g_step(run, cfg, labels, batch_size, regularize):
     """G's main step, then (when due) the path-length penalty on a fraction of the batch."""
     G, D = run.G, run.D
-    D.requires_grad_(False)
+    D.requires_grad_(False)  # G's step needs no D gradients; D's trainable parameters get theirs back below
     z = torch.randn(batch_size, cfg.z_dim, device=run.device)
     fake_pred = discriminate(run, generate_fakes(run, cfg, z, labels, update_w_avg=True), labels)
     loss = run.objective.g_loss(fake_pred)
@@ -213,7 +236,9 @@ def g_step(run, cfg, labels, batch_size, regularize):
         penalty, run.pl_mean = path_length_penalty(G.synthesis(ws), ws, run.pl_mean, cfg.pl_decay)
         stats["grad_g_reg"] = optimizer_step(run.opt_G, penalty * cfg.pl_weight * run.intervals["G"])
         stats["plp"] = penalty.detach()
-    D.requires_grad_(True)
+    for group in run.opt_D.param_groups:  # --freeze-d's fixed parameters stay without gradients
+        for p in group["params"]:
+            p.requires_grad_(True)
     return stats
 
 

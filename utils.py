@@ -29,7 +29,7 @@ BEST_CHECKPOINT = "best.pt"
 LOCK_FILE = "train.lock"  # in OUT_DIR/Models while a train.py run writes there
 SUPERSEDED = "superseded"  # Models/superseded/<time>/: checkpoints newer than the one a run resumed from
 INT64_MAX = 2**63 - 1  # the largest integer a setting may hold (torch and NumPy take int64)
-SCRIPT_PREFIXES = ("GEN_", "EVALUATE_")  # settings of generate_images.py and evaluate.py; the rest are train.py's
+SCRIPT_PREFIXES = ("GEN_", "EVALUATE_", "CONVERT_")  # generate_images.py, evaluate.py, convert.py; the rest: train.py
 
 
 class UserError(Exception):
@@ -624,6 +624,16 @@ def _same_file(fd, path):
 # ---------------------------------------------------------------------------------------
 # A generator (and discriminator) from a checkpoint, and images from latents
 # ---------------------------------------------------------------------------------------
+def model_args_of(cfg, img_channels, num_classes):
+    """The networks' constructor arguments for settings `cfg` (kept in checkpoints as model_args)."""
+    shared = dict(resolution=cfg.resolution, img_channels=img_channels, num_classes=num_classes,
+                  channel_base=cfg.channel_base, channel_max=cfg.channel_max, attention_res=cfg.attention_res,
+                  resample=cfg.resample, conv_clamp=cfg.conv_clamp)
+    return dict(G=dict(shared, z_dim=cfg.z_dim, w_dim=cfg.w_dim, mapping_layers=cfg.mapping_layers,
+                       mapping_lr_mult=cfg.mapping_lr_mult, w_avg_beta=cfg.w_avg_beta, style_op=cfg.style_op),
+                D=dict(shared, mbstd_group=cfg.mbstd_group, spectral_norm=cfg.spectral_norm))
+
+
 def load_network(cls, state, name, args):
     """Network `name` (G_ema or D) of a checkpoint, in eval mode; a UserError if it does not fit the
     checkpoint's model_args."""
@@ -790,9 +800,11 @@ def plot_losses(history, path, x=None, xlabel="iteration"):
         if len(values):
             ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8, label="per iteration")
             ax.plot(steps, smooth(values, max(1, len(values) // 50)), color="tab:blue", label="smoothed")
+            ax.legend(loc="upper right")
+        else:  # a converted network, or a run before its first iteration
+            ax.text(0.5, 0.5, "no training iterations recorded", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title)
         ax.set_ylabel("loss")
-        ax.legend(loc="upper right")
     if augmented:
         ax = axes[-1]
         lines = (("aug_p", "p", "tab:green"), ("real_sign", "r_t = E[sign D(real)], smoothed", "tab:gray"))

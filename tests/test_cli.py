@@ -157,7 +157,7 @@ def test_parse_settings_from_argv():
 
 def test_train_settings_preset_and_flags(tmp_path):
     given, opts = utils.parse_settings(["--preset", "smoke", "--resolution", "64"], "", "", train.EXTRA_FLAGS)
-    cfg, state = train.settings(given, opts, tmp_path)
+    cfg, state, _ = train.settings(given, opts, tmp_path)
     assert state is None
     assert cfg.resolution == 64 and cfg.preset == "smoke"
     assert cfg.batch_size == constants.PRESETS["smoke"]["BATCH_SIZE"]

@@ -379,3 +379,28 @@ def test_memorisation_of_a_copying_generator_and_of_unseen_real_slices():
     assert near["copy_rate"] == 1.0  # copies with a little noise are still copies
     no_heldout, _ = metrics.memorisation(unseen, train)
     assert "copy_rate" not in no_heldout and no_heldout["nn_dist_fake"] == fresh["nn_dist_fake"]
+
+
+def test_memorisation_in_the_discriminators_feature_space():
+    """The same audit in D's learned space: copies are found there too, unseen slices are not; the
+    features are each image's own (the same whatever the batch holds)."""
+    import modules
+    slices = blobs(300, seed=3)
+    train, heldout, unseen = slices[:100], slices[100:200], slices[200:]
+    torch.manual_seed(0)
+    D = modules.Discriminator(32, 1, channel_base=512, channel_max=32)
+    features = lambda x: metrics.d_features(D, x, torch.device("cpu"), batch=16)  # noqa: E731
+    assert torch.allclose(features(train[:5]), metrics.d_features(D, train[:40], torch.device("cpu"))[:5], atol=1e-5)
+    copies, _ = metrics.memorisation(train[:50], train, heldout, features=features)
+    assert copies["copy_rate"] == 1.0 and copies["authenticity"] == 0.0
+    fresh, _ = metrics.memorisation(unseen, train, heldout, features=features)
+    assert fresh["copy_rate"] <= 0.05 and fresh["authenticity"] > 0.3
+
+
+def test_evaluations_with_d_report_the_audit_in_its_space(cond_run, data, tmp_path):
+    out = tmp_path / "eval.json"
+    assert evaluate.main(["--checkpoint", str(cond_run / "Models"), "--data-root", str(data), "--n", "32",
+                          "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert {"copy_rate_d", "authenticity_d", "nn_dist_fake_d", "nn_dist_heldout_d"} <= set(results)
+    assert 0 <= results["copy_rate_d"] <= 1 and results["nn_dist_fake_d"] > 0
