@@ -55,6 +55,11 @@ DESCRIPTIONS = {
     "copy_rate": "share of generated slices nearer a training slice than 99% of held-out slices are (copies)",
     "authenticity": "share of generated slices farther from their nearest training slice than its own "
                     "nearest neighbour is (Alaa et al. 2022; higher is better)",
+    "swd_heldout": "swd of the held-out real slices (DATA_ROOT/test): what a generator of new subjects reaches",
+    "ms_ssim_heldout": "ms_ssim of random held-out real pairs",
+    "precision_heldout": "precision of the held-out real slices (at their number, not --n)",
+    "recall_heldout": "recall of the held-out real slices (at their number): about the most a generator "
+                      "of new subjects, not copies, can reach",
     "nn_dist_fake_d": "nn_dist_fake in the discriminator's feature space (its units)",
     "nn_dist_heldout_d": "nn_dist_heldout in the discriminator's feature space",
     "copy_rate_d": "copy_rate in the discriminator's feature space",
@@ -63,7 +68,7 @@ DESCRIPTIONS = {
 
 
 def describe(key):
-    if key.startswith("swd_"):
+    if key.startswith("swd_") and key[4:].isdigit():
         return f"SWD x1e3 at the {key[4:]}x{key[4:]} pyramid level"
     return DESCRIPTIONS.get(key, "")
 

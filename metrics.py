@@ -512,6 +512,16 @@ class Evaluator:
         self.real_stats = feature_stats(self.real_features) if inception is not None else None
         heldout_images = to_model_range(self.heldout[0]) if self.heldout is not None else None
         self.memo_reference = memorisation_reference(real, heldout_images)
+        self.heldout_figures = self.reference_figures(heldout_images) if heldout_images is not None else {}
+
+    def reference_figures(self, images):
+        """How real slices of unseen subjects score against the training slices: what a generator
+        of new subjects (not copies) can reach, at the held-out set's size (keys ending _heldout)."""
+        figures = dict(swd_heldout=swd(self.real_desc, swd_descriptors(images, self.seed), self.resolution,
+                                       self.seed)["swd"], ms_ssim_heldout=mean_pair_ms_ssim(images, self.seed))
+        figures["precision_heldout"], figures["recall_heldout"] = precision_recall(self.real_features,
+                                                                                   self.features(images))
+        return figures
 
     @property
     def feature_space(self):
@@ -528,7 +538,7 @@ class Evaluator:
         out = self.compare(fake)
         if D is not None:
             out.update(self.discriminator_figures(D, fake, device))
-        return out
+        return dict(out, **self.heldout_figures)
 
     def discriminator_figures(self, D, fake, device):
         """D's mean score on the training reals, the fakes and (when there are) held-out reals, and

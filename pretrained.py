@@ -134,6 +134,9 @@ class NetworkUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in ALLOWED:
             return ALLOWED[module, name]
+        if module.startswith("dnnlib.tflib"):
+            raise UserError(f"{self.path} is a TensorFlow StyleGAN pickle ({module}.{name}), which this toolkit "
+                            "does not read: refused (nothing in it was run)")
         raise UserError(f"{self.path} holds {module}.{name}, which a network pickle does not need: refused "
                         "for safety (nothing in it was run)")
 
@@ -273,6 +276,11 @@ def _need(record, path, what, tensor=None):
 
 def nvlabs_generator_arch(G, what):
     """This toolkit's architecture settings for an NVlabs Generator record."""
+    if G.child("synthesis.b4") is None:  # StyleGAN3's alias-free synthesis, say: refused by its first tensor
+        first = next(iter(G.tensors("")), "?") if G.child("synthesis") is None else \
+            next(iter(G.child("synthesis").tensors("synthesis.")), "?")
+        raise UserError(f"{what}: tensor {first} has no counterpart in this toolkit's networks (no synthesis.b4: "
+                        "not a StyleGAN2 generator)")
     n = 0
     while G.child(f"mapping.fc{n}") is not None:
         n += 1
@@ -309,6 +317,10 @@ def nvlabs_generator_arch(G, what):
 def nvlabs_discriminator_check(D, arch, what):
     """Refuse an NVlabs Discriminator record whose shape this toolkit's D (with `arch`) cannot take."""
     res = arch["RESOLUTION"]
+    if D.child("mapping") is not None:
+        first = next(iter(D.child("mapping").tensors("mapping.")), "mapping")
+        raise UserError(f"{what}: tensor {first} has no counterpart in this toolkit's networks (a conditional "
+                        "NVlabs discriminator maps labels with a network of its own; this toolkit's projects them)")
     for r in resolutions_of(res):
         block = _need(D, f"b{r}", what)
         if block.attr("architecture", "resnet") != "resnet":

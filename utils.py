@@ -493,7 +493,7 @@ def read_checkpoint(path):
             raise UserError(f"{path} contains Python objects other than tensors, refused for safety "
                             "(nothing in it was run)") from None
         raise UserError(f"{path} is a Python pickle, not a checkpoint of this toolkit, refused for safety "
-                        "(nothing in it was run)") from None
+                        "(nothing in it was run; python convert.py converts NVlabs network pickles)") from None
     except Exception as e:  # noqa: BLE001 - any other unreadable file gets the same one-line error
         reason = _first_line(e)
         raise UserError(f"{path} is not a readable PyTorch checkpoint"
@@ -505,6 +505,9 @@ def check_checkpoint(state, path, need=CHECKPOINT_KEYS):
     if not isinstance(state, dict):
         raise UserError(f"{path} is not a checkpoint of this toolkit (it holds a {type(state).__name__}, not a dict)")
     missing = [k for k in need if k not in state]
+    if missing and "g_ema" in state:
+        raise UserError(f"{path} is a stylegan2-pytorch (rosinality) checkpoint: python convert.py makes it one of "
+                        "this toolkit's")
     if missing and ("G_ema" in missing or "model_args" in missing):
         held = ", ".join(map(str, list(state)[:6])) + (", ..." if len(state) > 6 else "")
         raise UserError(f"{path} is a checkpoint without {missing[0]}, not one this toolkit wrote "
@@ -823,17 +826,22 @@ def plot_losses(history, path, x=None, xlabel="iteration"):
 def plot_metrics(metrics, path):
     """Evaluation figures over training (one panel per metric group) against thousands of images seen."""
     plt = pyplot()
-    panels = [(["swd"] + sorted({k for m in metrics for k in m if k.startswith("swd_")}, key=lambda k: -int(k[4:])),
-               "sliced Wasserstein distance x1e3"),
-              (["ms_ssim_fake", "ms_ssim_real"], "MS-SSIM of random pairs (diversity)"),
-              (["precision", "recall"], "precision and recall"), (["fid"], "FID"), (["kid"], "KID"),
+    levels = sorted({k for m in metrics for k in m if k.startswith("swd_") and k[4:].isdigit()},
+                    key=lambda k: -int(k[4:]))
+    panels = [(["swd", *levels, "swd_heldout"], "sliced Wasserstein distance x1e3"),
+              (["ms_ssim_fake", "ms_ssim_real", "ms_ssim_heldout"], "MS-SSIM of random pairs (diversity)"),
+              (["precision", "recall", "precision_heldout", "recall_heldout"], "precision and recall"),
+              (["fid"], "FID"), (["kid"], "KID"),
               (["d_real", "d_heldout", "d_fake"], "D's mean score: training reals, held-out reals, fakes")]
     panels = [(keys, title) for keys, title in panels if any(k in m for m in metrics for k in keys)]
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels)), sharex=True, squeeze=False)
     for ax, (keys, title) in zip(axes[:, 0], panels):
         for key in keys:
             points = [(m["nimg"] / 1000, m[key]) for m in metrics if m.get(key) is not None]
-            style = dict(linewidth=0.8, alpha=0.6) if key.startswith("swd_") else dict(linewidth=1.6, marker="o")
+            if not points:
+                continue
+            style = (dict(linewidth=1.0, linestyle="--") if key.endswith("_heldout") and key != "d_heldout" else
+                     dict(linewidth=0.8, alpha=0.6) if key in levels else dict(linewidth=1.6, marker="o"))
             ax.plot(*zip(*points), label=key, **style)
         ax.set_title(title)
         ax.legend(loc="upper right", fontsize=8)

@@ -214,6 +214,9 @@ def test_discriminator_figures_measure_how_much_d_memorised():
             assert not self.training  # scored in eval mode
             return img.mean([1, 2, 3])
 
+        def features(self, img):
+            return F.adaptive_avg_pool2d(img, 4)
+
     real = ((blobs(40) + 1) * 127.5).round().to(torch.uint8)
     labels = torch.zeros(40, dtype=torch.long)
     bright = torch.full((40, 1, 32, 32), 204, dtype=torch.uint8)  # 0.6 in [-1, 1], exactly
@@ -227,7 +230,7 @@ def test_discriminator_figures_measure_how_much_d_memorised():
         assert figures["d_fake"] == pytest.approx(0.6) and figures["d_overfit"] == pytest.approx(expected, abs=1e-5)
     assert D.training  # left as it was
     without = metrics.Evaluator(real, labels, n=40, seed=0).discriminator_figures(D, fake, torch.device("cpu"))
-    assert set(without) == {"d_real", "d_fake"}  # no held-out slices, no d_overfit
+    assert set(without) == {"d_real", "d_fake", "nn_dist_fake_d", "authenticity_d"}  # no held-out: no d_overfit
 
 
 def test_sample_images_is_seeded_and_leaves_the_global_rng_alone():
@@ -404,3 +407,18 @@ def test_evaluations_with_d_report_the_audit_in_its_space(cond_run, data, tmp_pa
     results = json.loads(out.read_text())
     assert {"copy_rate_d", "authenticity_d", "nn_dist_fake_d", "nn_dist_heldout_d"} <= set(results)
     assert 0 <= results["copy_rate_d"] <= 1 and results["nn_dist_fake_d"] > 0
+
+
+def test_held_out_slices_give_the_reference_figures():
+    """What real slices of unseen subjects score, beside every evaluation: identical slices score
+    perfectly, other slices of the same kind less so."""
+    real = ((blobs(60) + 1) * 127.5).round().to(torch.uint8)
+    labels = torch.zeros(60, dtype=torch.long)
+    same = metrics.Evaluator(real, labels, n=60, seed=0, heldout=SimpleNamespace(images=real, labels=labels))
+    figures = same.heldout_figures
+    assert figures["precision_heldout"] == 1.0 and figures["recall_heldout"] == 1.0
+    assert figures["swd_heldout"] < 1e-6 and figures["ms_ssim_heldout"] == pytest.approx(same.ms_ssim_real)
+    other = ((blobs(60, seed=1) + 1) * 127.5).round().to(torch.uint8)
+    ev = metrics.Evaluator(real, labels, n=60, seed=0, heldout=SimpleNamespace(images=other, labels=labels))
+    assert ev.heldout_figures["swd_heldout"] > 1 and ev.heldout_figures["recall_heldout"] < 1
+    assert not metrics.Evaluator(real, labels, n=60, seed=0).heldout_figures

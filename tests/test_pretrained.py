@@ -225,6 +225,8 @@ def test_a_rewritten_pickle_still_converts(tmp_path, monkeypatch):
     ("embedding", "label embedding has 8 features"),
     ("architecture", "'resnet' architecture"),
     ("shape", "tensor b4.out.weight has shape [2, 16]"),
+    ("stylegan3", "tensor synthesis.freqs has no counterpart"),
+    ("conditional", "tensor mapping.embed.weight has no counterpart"),
 ])
 def test_networks_that_do_not_map_are_refused_naming_the_tensor(tmp_path, monkeypatch, capsys, change, needle):
     top = pretrained.read_network_pickle(NVLABS)
@@ -244,10 +246,27 @@ def test_networks_that_do_not_map_are_refused_naming_the_tensor(tmp_path, monkey
         G.child("synthesis.b16").state["architecture"] = "resnet"
     elif change == "shape":  # a conditional D's output is a vector projected on the label's embedding
         D.child("b4.out").state["_parameters"]["weight"] = torch.randn(2, 16)
+    elif change == "stylegan3":  # alias-free layers in place of the synthesis blocks
+        G.state["_modules"]["synthesis"] = layer({"freqs": torch.zeros(16, 2)}, input=layer({"freqs": torch.zeros(8)}),
+                                                 L0_36_16=layer({"weight": torch.zeros(16, 16, 3, 3)}))
+    elif change == "conditional":  # NVlabs' conditional D has a mapping network for its labels
+        D.state["_modules"]["mapping"] = layer({}, embed=layer({"weight": torch.zeros(16, 2)}))
     path = Rewrite(monkeypatch).write(top, tmp_path / "changed.pkl")
     monkeypatch.undo()
     capsys.readouterr()
     assert_user_error(capsys, convert.main([str(path), str(tmp_path / "o.pt")]), needle)
+
+
+def layer(tensors, **modules):
+    """A PersistentRecord of a module holding `tensors` and sub-modules."""
+    return pretrained.PersistentRecord(dict(class_name="Layer", state={"_parameters": {}, "_buffers": dict(tensors),
+                                                                       "_modules": modules}))
+
+
+def test_a_tensorflow_pickle_is_refused_by_name(tmp_path, capsys):
+    path = tmp_path / "stylegan2-ffhq-config-f.pkl"
+    path.write_bytes(b"\x80\x02cdnnlib.tflib.network\nNetwork\n)\x81.")
+    assert_user_error(capsys, convert.main([str(path), str(tmp_path / "o.pt")]), "TensorFlow", "nothing in it was run")
 
 
 def test_rosinality_with_only_g_ema_converts_with_its_latent_avg(tmp_path):

@@ -501,7 +501,7 @@ def test_checkpoint_errors_say_what_the_file_is_not(tmp_path, uncond_run, capsys
     mismatched = tmp_path / "mismatched.pt"
     torch.save(dict(state, G_ema={"mapping.bogus": torch.zeros(1)}), mismatched)
     cases = [(text, "is not a PyTorch checkpoint"), (no_ema, "a checkpoint without G_ema"),
-             (rosinality, "a checkpoint without G_ema"), (tmp_path / "list.pt", "not a checkpoint of this toolkit"),
+             (rosinality, "python convert.py"), (tmp_path / "list.pt", "not a checkpoint of this toolkit"),
              (evil, "contains Python objects other than tensors, refused for safety"),
              (nvlabs, "refused for safety"), (mismatched, "G_ema does not fit")]
     torch.save([1, 2], tmp_path / "list.pt")
