@@ -18,7 +18,15 @@ import torch
 
 import constants
 from modules import Discriminator, Generator
-from utils import UserError, config_dict, load_checkpoint, model_args_of, read_checkpoint, resolve_settings
+from utils import (
+    UserError,
+    check_checkpoint,
+    config_dict,
+    load_checkpoint,
+    model_args_of,
+    read_checkpoint,
+    resolve_settings,
+)
 
 LUMA = (0.299, 0.587, 0.114)  # RGB -> gray weights of ITU-R BT.601, as PIL's convert("L") that loads the data
 W_AVG_SAMPLES = 10_000  # rosinality checkpoints keep no mean w: it is estimated from this many seeded z
@@ -198,38 +206,36 @@ def resolutions_of(resolution):
     return [2**i for i in range(3, int(math.log2(resolution)) + 1)]
 
 
-def layer_names(ours, theirs, noise_const, kind="layer"):
-    """Our StyledLayer (kind layer) or ToImage (kind image) `ours` from a source layer's names:
-    `theirs` maps our tensor suffixes to theirs."""
-    if kind == "image":
-        return {f"{ours}.conv.weight": theirs["weight"], f"{ours}.conv.affine.weight": theirs["affine.weight"],
-                f"{ours}.conv.affine.bias": theirs["affine.bias"], f"{ours}.bias": theirs["bias"]}
-    return {f"{ours}.conv.weight": theirs["weight"], f"{ours}.conv.affine.weight": theirs["affine.weight"],
-            f"{ours}.conv.affine.bias": theirs["affine.bias"], f"{ours}.noise.strength": theirs["strength"],
-            f"{ours}.noise.const_noise": noise_const, f"{ours}.bias": theirs["bias"]}
+def layer_names(ours, theirs, noise_const=None):
+    """The names of our StyledLayer (with `noise_const`) or ToImage (without) `ours`: `theirs` maps
+    the suffixes weight, affine.weight, affine.bias, bias (and strength) to (source name, transform)."""
+    names = {f"{ours}.conv.weight": theirs["weight"], f"{ours}.conv.affine.weight": theirs["affine.weight"],
+             f"{ours}.conv.affine.bias": theirs["affine.bias"], f"{ours}.bias": theirs["bias"]}
+    if noise_const is not None:
+        names.update({f"{ours}.noise.strength": theirs["strength"], f"{ours}.noise.const_noise": noise_const})
+    return names
 
 
 # ---------------------------------------------------------------------------------------
 # NVlabs StyleGAN2-ADA (stylegan2-ada-pytorch, and the pickles of stylegan3's StyleGAN2 configs)
 # ---------------------------------------------------------------------------------------
-RESAMPLE_FILTER = (lambda k: torch.outer(k, k) / torch.outer(k, k).sum())(torch.tensor([1.0, 3.0, 3.0, 1.0]))
+FILTER = (lambda k: torch.outer(k, k) / torch.outer(k, k).sum())(torch.tensor([1.0, 3.0, 3.0, 1.0]))
 
 
-def _check_filters(tensors, what):
-    """Drop the [1, 3, 3, 1] resample_filter buffers (this toolkit's filter is fixed); refuse another filter."""
-    for name in [n for n in tensors if n.endswith("resample_filter")]:
-        f = tensors.pop(name)
-        if f.shape != RESAMPLE_FILTER.shape or not torch.allclose(f.float(), RESAMPLE_FILTER):
+def drop_filters(tensors, suffix, what):
+    """The source's tensors without its resampling filters (names ending `suffix`; this toolkit's
+    filter is fixed), refusing a filter other than [1, 3, 3, 1] (at any gain)."""
+    tensors = dict(tensors)
+    for name in [n for n in tensors if n.endswith(suffix)]:
+        f = tensors.pop(name).float()
+        if f.shape != FILTER.shape or not torch.allclose(f / f.sum(), FILTER):
             raise UserError(f"{what}: {name} is not the [1, 3, 3, 1] filter this toolkit uses")
     return tensors
 
 
-def _nvlabs_layer(prefix, kind="layer", noise=True):
-    if kind == "image":
-        return {k: (f"{prefix}.{k}", None) for k in ("weight", "affine.weight", "affine.bias", "bias")}
+def _nvlabs_layer(prefix):
     names = {k: (f"{prefix}.{k}", None) for k in ("weight", "affine.weight", "affine.bias", "bias")}
-    names["strength"] = (f"{prefix}.noise_strength", None)
-    return names
+    return dict(names, strength=(f"{prefix}.noise_strength", None))
 
 
 def nvlabs_generator_names(arch):
@@ -248,8 +254,8 @@ def nvlabs_generator_names(arch):
                    (f"synthesis.blocks.{i}.conv1", f"synthesis.b{r}.conv1"),
                    (f"synthesis.blocks.{i}.to_img", f"synthesis.b{r}.torgb")]
     for ours, theirs in layers:
-        kind = "image" if ours.endswith("to_img") else "layer"
-        names.update(layer_names(ours, _nvlabs_layer(theirs, kind), (f"{theirs}.noise_const", const), kind))
+        noise = None if ours.endswith("to_img") else (f"{theirs}.noise_const", const)
+        names.update(layer_names(ours, _nvlabs_layer(theirs), noise))
     return names
 
 
@@ -356,18 +362,18 @@ def import_nvlabs(path, top):
         if name == "D":
             arch["MBSTD_GROUP"] = nvlabs_discriminator_check(record, arch, what)
         names = nvlabs_discriminator_names(arch) if name == "D" else nvlabs_generator_names(arch)
-        states[name] = (_check_filters(record.tensors(), what), names, what)
+        states[name] = (drop_filters(record.tensors(), "resample_filter", what), names, what)
     return arch, states
 
 
 # ---------------------------------------------------------------------------------------
 # rosinality stylegan2-pytorch
 # ---------------------------------------------------------------------------------------
-def _rosinality_layer(prefix, kind="layer"):
+def _rosinality_layer(prefix, image=False):
     first = lambda t: t[0]  # noqa: E731  (1, O, I, k, k) -> (O, I, k, k)
     names = {"weight": (f"{prefix}.conv.weight", first), "affine.weight": (f"{prefix}.conv.modulation.weight", None),
              "affine.bias": (f"{prefix}.conv.modulation.bias", None)}
-    if kind == "image":
+    if image:
         names["bias"] = (f"{prefix}.bias", lambda t: t.flatten())  # (1, C, 1, 1) -> (C,)
     else:
         names.update(bias=(f"{prefix}.activate.bias", None),
@@ -385,8 +391,8 @@ def rosinality_generator_names(arch):
                    (f"synthesis.blocks.{i}.conv1", f"convs.{2 * i + 1}", 2 * i + 2),
                    (f"synthesis.blocks.{i}.to_img", f"to_rgbs.{i}", None)]
     for ours, theirs, noise in layers:
-        kind = "image" if noise is None else "layer"
-        names.update(layer_names(ours, _rosinality_layer(theirs, kind), (f"noises.noise_{noise}", None), kind))
+        const = None if noise is None else (f"noises.noise_{noise}", None)
+        names.update(layer_names(ours, _rosinality_layer(theirs, image=noise is None), const))
     return names
 
 
@@ -403,19 +409,6 @@ def rosinality_discriminator_names(arch):
                   "fc.weight": ("final_linear.0.weight", None), "fc.bias": ("final_linear.0.bias", None),
                   "out.weight": ("final_linear.1.weight", None), "out.bias": ("final_linear.1.bias", None)})
     return names
-
-
-ROSINALITY_BLUR = (lambda k: torch.outer(k, k) / torch.outer(k, k).sum())(torch.tensor([1.0, 3.0, 3.0, 1.0]))
-
-
-def _check_blur_kernels(state, what):
-    """Drop the blur kernels (this toolkit's filter is fixed); refuse a filter other than [1, 3, 3, 1]."""
-    state = dict(state)
-    for name in [n for n in state if n.endswith(".kernel")]:
-        k = state.pop(name).float()
-        if k.shape != (4, 4) or not torch.allclose(k / k.sum(), ROSINALITY_BLUR):
-            raise UserError(f"{what}: {name} is not the [1, 3, 3, 1] filter this toolkit uses")
-    return state
 
 
 def rosinality_arch(g, what):
@@ -451,7 +444,7 @@ def import_rosinality(path, ckpt):
     for ours, theirs in (("G_ema", "g_ema"), ("G", "g"), ("D", "d")):
         if isinstance(ckpt.get(theirs), dict):
             what = f"{path} {theirs}"
-            sd = _check_blur_kernels(ckpt[theirs], what)
+            sd = drop_filters(ckpt[theirs], ".kernel", what)
             names = rosinality_discriminator_names(arch) if ours == "D" else rosinality_generator_names(arch)
             states[ours] = (sd, names, what)
     latent_avg = ckpt.get("latent_avg")
@@ -490,10 +483,11 @@ def to_gray(G_state, D_state):
 
 
 def detect_format(path):
-    """nvlabs (a pickle), torch (a torch.save file: rosinality's or this toolkit's), or a refusal."""
+    """folder (of checkpoints), pickle (NVlabs'), torch (a torch.save file: rosinality's or this
+    toolkit's), or a refusal."""
     path = Path(path)
     if path.is_dir():
-        return "toolkit"
+        return "folder"
     if not path.is_file():
         raise UserError(f"network file not found: {path}")
     with open(path, "rb") as f:
@@ -506,20 +500,20 @@ def detect_format(path):
 
 
 def read_source(path):
-    """(format, architecture settings, states, source checkpoint of this toolkit or None) of a network file."""
+    """(format, architecture settings, states, source checkpoint of this toolkit or None) of a network
+    file, or of the newest checkpoint in a folder (a run's folder: its Models/)."""
     kind = detect_format(path)
-    if kind == "toolkit":
-        return ("toolkit", None, None, load_checkpoint(path)[0])
+    if kind == "folder":
+        models = Path(path) / "Models"
+        return ("toolkit", None, None, load_checkpoint(models if models.is_dir() else path)[0])
     if kind == "pickle":
         top = read_network_pickle(path)
-        if isinstance(top, int):  # torch's legacy (non-zip) format starts with a magic number
-            kind = "torch"
-        else:
+        if not isinstance(top, int):  # torch's legacy (non-zip) format starts with a magic number
             return ("nvlabs", *import_nvlabs(path, top), None)
     with torch.serialization.safe_globals([argparse.Namespace]):  # rosinality keeps its argparse options
         ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict) and "G_ema" in ckpt and "model_args" in ckpt:
-        return ("toolkit", None, None, load_checkpoint(path)[0])
+        return ("toolkit", None, None, check_checkpoint(ckpt, path))
     if isinstance(ckpt, dict) and ("g_ema" in ckpt or "g" in ckpt):
         return ("rosinality", *import_rosinality(path, ckpt), None)
     held = ", ".join(map(str, list(ckpt)[:6])) if isinstance(ckpt, dict) else type(ckpt).__name__

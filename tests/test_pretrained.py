@@ -316,7 +316,7 @@ def test_init_from_refuses_contradicting_flags_and_resume(data, tmp_path, capsys
 
 def test_init_from_a_checkpoint_of_this_toolkit(uncond_run, tmp_path):
     source, _ = utils.load_checkpoint(uncond_run / "Models")
-    cfg, _, init = train.settings({"INIT_FROM": str(uncond_run / "Models"), "DATA_ROOT": "x"},
+    cfg, _, init = train.settings({"INIT_FROM": str(uncond_run), "DATA_ROOT": "x"},  # a run folder: its Models/
                                   types.SimpleNamespace(preset="smoke"), tmp_path)
     assert cfg.z_dim == source["config"]["z_dim"] and torch.equal(init["G_ema"]["synthesis.const"],
                                                                   source["G_ema"]["synthesis.const"])
