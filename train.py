@@ -124,11 +124,11 @@ def settings(given, opts, out, main_process=True):
     if not resume:
         cfg = resolve_settings(given, "", preset)
         cfg.preset = preset
-        init = initial_networks(cfg, given) if cfg.init_from else None
         earlier = run_checkpoints(models)
         if earlier and not getattr(opts, "overwrite", False):
             raise UserError(f"{models} holds another run's checkpoints ({earlier[-1].name}): continue that run with "
                             "--resume, or start this one with another --out-dir (or --overwrite to delete them)")
+        init = initial_networks(cfg, given) if cfg.init_from else None
         if earlier and main_process:
             remove_run(out, cfg)
         if main_process:  # logs of a run that left no checkpoint

@@ -363,3 +363,19 @@ def test_conv_clamp_limits_every_activated_output():
             m.register_forward_hook(lambda mod, args, out: seen.append(out.abs().max().item()))
     D(G(torch.randn(4, 16)) * 10)
     assert len(seen) == 2 + 3 * 3 + 1 + 3 * 2 + 1 and max(seen) == 0.25  # each layer of G and D, clamped
+
+
+def test_evaluate_and_generate_take_a_converted_checkpoint(data, tmp_path, capsys):
+    import evaluate
+    out = tmp_path / "Models" / "nvlabs.pt"
+    assert convert.main([str(NVLABS), str(out)]) == 0
+    assert evaluate.main(["--checkpoint", str(out), "--data-root", str(data), "--n", "16",
+                          "--out", str(tmp_path / "eval.json")]) == 0
+    assert generate_images.main(["--checkpoint", str(out), "--n", "4", "--out-dir", str(tmp_path / "gen")]) == 0
+    assert len(list((tmp_path / "gen").glob("seed*.png"))) == 4
+
+
+@pytest.mark.parametrize("argv, needle", [([], "IN, OUT"), (["a.pkl"], "OUT"), (["--channels", "rgb", "a", "b"],
+                                                                               "--channels")])
+def test_convert_bad_command_lines_are_one_line(capsys, argv, needle):
+    assert_user_error(capsys, convert.main(argv), needle)
