@@ -142,8 +142,8 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path, caps
     payload = CreatesAFile(marker) if where == "top" else {"G_ema": [1, 2, CreatesAFile(marker)], "D": None}
     evil = tmp_path / "network-snapshot.pkl"
     evil.write_bytes(pickle.dumps(payload))
-    for args in ([str(evil), str(tmp_path / "out.pt")],):
-        assert_user_error(capsys, convert.main(args), str(evil), "io.open", "refused", "nothing in it was run")
+    code = convert.main([str(evil), str(tmp_path / "out.pt")])
+    assert_user_error(capsys, code, str(evil), "io.open", "refused", "nothing in it was run")
     code = train.main(smoke(tmp_path, tmp_path / "run", "--init-from", str(evil)))
     assert_user_error(capsys, code, "refused")
     assert not marker.exists() and not (tmp_path / "out.pt").exists()
