@@ -76,6 +76,7 @@ KEEP_CHECKPOINTS = 3  # newest checkpoints kept in Models/ (0: keep all)
 EVAL_EVERY = 4  # epochs between evaluations (SWD, MS-SSIM, precision/recall; FID/KID with weights) (0: off)
 EVAL_N = 1000  # generated and real images in each evaluation
 EVAL_METRIC = "auto"  # metric that picks Models/best.pt: auto (fid with Inception weights, else swd) | swd | fid | kid
+EVAL_MAX_COPY_RATE = 0.01  # best.pt only from evaluations with copy_rate at most this (1: any; copy_rate needs test/)
 INCEPTION_WEIGHTS = ""  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth for FID/KID (empty: skipped)
 TENSORBOARD = False  # also log losses, metrics and sample grids to OUT_DIR/runs (needs: pip install tensorboard)
 
@@ -197,6 +198,7 @@ RANGES = {  # inclusive (low, high); None: unbounded
     "GEN_BATCH": (1, None), "GEN_FRAMES": (2, 1000), "GEN_TSNE_N": (10, None), "GEN_TSNE_REAL": (2, None),
     "GEN_PROJECT_STEPS": (1, None), "GEN_PROJECT_LR": (0, None), "GEN_PROJECT_FEATURES": (0, None),
     "GEN_PROJECT_NOISE_REG": (0, None), "EVAL_EVERY": (0, None), "EVAL_N": (8, None), "EVALUATE_N": (8, None),
+    "EVAL_MAX_COPY_RATE": (0, 1),
     "EVALUATE_CAS_EPOCHS": (1, None), "EVALUATE_TRUNCATION": (0, 10), "EVALUATE_SEED": (0, 2**63 - 1),
     "EVALUATE_BATCH": (1, None), "ROTATE": (0, 180), "JITTER": (0, 1),
     "AUGMENT_P": (0, 1), "ADA_TARGET": (0, 1), "ADA_INTERVAL": (1, None), "ADA_KIMG": (1e-6, None),

@@ -591,6 +591,16 @@ def best_metric(name, inception):
     return name
 
 
+def is_new_best(history, figures, metric, max_copy_rate):
+    """Whether an evaluation's `figures` become Models/best.pt: the lowest `metric` so far among the
+    evaluations (`history`, the earlier ones) whose copy_rate is at most `max_copy_rate` (those
+    without a copy_rate, no held-out slices, all count)."""
+    def eligible(m):
+        return metric in m and m.get("copy_rate", 0.0) <= max_copy_rate
+    previous = [m[metric] for m in history if eligible(m)]
+    return eligible(figures) and (not previous or figures[metric] < min(previous))
+
+
 # ---------------------------------------------------------------------------------------
 # Classification accuracy score: does a classifier trained on generated slices work on real ones?
 # ---------------------------------------------------------------------------------------

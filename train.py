@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import constants
 from dataset import EpochSampler, load_slices, to_model_range
-from metrics import Evaluator, best_metric, heldout_slices, load_inception
+from metrics import Evaluator, best_metric, heldout_slices, is_new_best, load_inception
 from pretrained import describe, load_pretrained
 from training import (
     HISTORY_KEYS,
@@ -281,9 +281,9 @@ def make_evaluator(cfg, data, device):
 
 def evaluate_now(run, cfg, evaluator, metric, save_best, samples):
     """Evaluate G_ema, log (OUT_DIR/metrics.jsonl) and plot the figures, and keep Models/best.pt by
-    `metric` (lower is better)."""
+    `metric` (lower is better) among the evaluations that copy little enough (--eval-max-copy-rate)."""
     figures = evaluator(run.G_ema, run.device, D=run.D)
-    previous = [m[metric] for m in run.metrics if metric in m]
+    new_best = is_new_best(run.metrics, figures, metric, cfg.eval_max_copy_rate)
     run.metrics.append(dict(epoch=run.epoch, step=run.step, nimg=run.nimg, **figures))
     append_jsonl(dict(kimg=run.nimg / 1000, nimg=run.nimg, step=run.step, epoch=run.epoch, time_s=run.seconds,
                       train_s=run.seconds - run.maintenance_seconds, **figures), Path(cfg.out_dir) / "metrics.jsonl")
@@ -297,8 +297,11 @@ def evaluate_now(run, cfg, evaluator, metric, save_best, samples):
     if run.board is not None:
         for key, value in figures.items():
             run.board.add_scalar(f"metrics/{key}", value, run.step)
-    if not previous or figures[metric] < min(previous):
+    if new_best:
         save_best()
+    elif figures.get("copy_rate", 0.0) > cfg.eval_max_copy_rate:
+        tqdm.write(f"not kept as best.pt: copy_rate {figures['copy_rate']:.3g} is above --eval-max-copy-rate "
+                   f"{cfg.eval_max_copy_rate:g}")
 
 
 def open_tensorboard(cfg):

@@ -257,11 +257,35 @@ def test_training_logs_metrics_and_keeps_best(cond_run):
     assert 0 <= metrics[-1]["copy_rate"] <= 1 and metrics[-1]["nn_dist_fake"] > 0
     assert (samples / "metrics.png").is_file() and (samples / "memorisation.png").is_file()
     best, _ = utils.load_checkpoint(cond_run / "Models" / "best.pt")
-    best_epoch = min(metrics, key=lambda m: m["swd"])["epoch"]
+    best_epoch = min((m for m in metrics if m["copy_rate"] <= 0.01), key=lambda m: m["swd"])["epoch"]
     assert best["epoch"] == best_epoch and best["metrics"] == metrics[:best_epoch]
     last, _ = utils.load_checkpoint(cond_run / "Models")
     assert last["metrics"] == metrics and (cond_run / "Models" / "best.pt") not in utils.list_checkpoints(
         cond_run / "Models")
+
+
+def test_a_new_best_is_the_lowest_metric_among_evaluations_that_copy_little():
+    history = [dict(swd=5.0, copy_rate=0.0), dict(swd=2.0, copy_rate=0.3)]  # the lower SWD copies: not a best
+    assert metrics.is_new_best(history, dict(swd=4.0, copy_rate=0.005), "swd", 0.01)
+    assert not metrics.is_new_best(history, dict(swd=6.0, copy_rate=0.0), "swd", 0.01)
+    assert not metrics.is_new_best(history, dict(swd=1.0, copy_rate=0.02), "swd", 0.01)
+    assert not metrics.is_new_best(history, dict(swd=4.0, copy_rate=0.0), "swd", 1.0)  # 1: any evaluation counts
+    assert metrics.is_new_best([dict(swd=5.0)], dict(swd=4.0), "swd", 0.0)  # no held-out slices: no copy_rate
+    assert metrics.is_new_best([], dict(swd=9.0, copy_rate=0.01), "swd", 0.01)
+    assert not metrics.is_new_best([], dict(fid=9.0), "swd", 0.01)
+
+
+def test_training_does_not_keep_a_copying_generator_as_best(data, tmp_path, monkeypatch, capsys):
+    """Wiring: an evaluation with the lowest SWD but a copy_rate above --eval-max-copy-rate leaves
+    best.pt at the earlier evaluation (and says why)."""
+    scripted = iter([dict(swd=5.0, copy_rate=0.0), dict(swd=2.0, copy_rate=0.5)])
+    monkeypatch.setattr(metrics.Evaluator, "__call__", lambda self, G, device, D=None: next(scripted))
+    monkeypatch.setattr(metrics.Evaluator, "save_memorisation_figure", lambda self, path: None)
+    out = tmp_path / "run"
+    assert train.main(smoke(data, out, "--epochs", "2")) == 0
+    best, _ = utils.load_checkpoint(out / "Models" / "best.pt")
+    assert best["epoch"] == 1
+    assert "not kept as best.pt: copy_rate 0.5 is above --eval-max-copy-rate 0.01" in capsys.readouterr().out
 
 
 def test_evaluation_is_the_same_after_resume(data, tmp_path):
