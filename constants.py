@@ -63,6 +63,7 @@ PL_WEIGHT = 2.0  # path-length penalty weight (0: off)
 PL_INTERVAL = 16  # iterations between path-length penalties, applied with gain equal to the interval
 PL_DECAY = 0.01  # decay of the running mean path length
 PL_BATCH_SHRINK = 2  # the path-length penalty uses BATCH_SIZE // PL_BATCH_SHRINK images
+MODE_SEEKING = 0.0  # mode-seeking weight (Mao et al. 2019): G pays for latent pairs with alike 16x16 images (0: off)
 EMA_KIMG = 10.0  # half-life of the generator's moving average, in thousands of images
 EMA_RAMPUP = 0.05  # EMA half-life is at most this fraction of the images seen so far (0: off)
 SEED = 0  # seed of every random choice: same seed, same run
@@ -191,7 +192,7 @@ RANGES = {  # inclusive (low, high); None: unbounded
     "LR_CYCLE_STEPS": (1, None), "LR_CYCLE_MIN": (0, 1), "LR_STEP_EPOCHS": (1, None),
     "LR_STEP_FACTOR": (0, None), "GP_LAMBDA": (0, None), "DRIFT": (0, None),
     "R1_GAMMA": (0, None), "WGAN_R1_GAMMA": (0, None), "D_REG_INTERVAL": (1, None), "PL_WEIGHT": (0, None),
-    "PL_INTERVAL": (1, None), "PL_DECAY": (0, 1), "PL_BATCH_SHRINK": (1, None),
+    "PL_INTERVAL": (1, None), "MODE_SEEKING": (0, None), "PL_DECAY": (0, 1), "PL_BATCH_SHRINK": (1, None),
     "EMA_KIMG": (0, None), "EMA_RAMPUP": (0, None), "SEED": (0, 2**63 - 1),
     "SAMPLE_EVERY": (1, None), "SAMPLE_COUNT": (1, 256), "CHECKPOINT_EVERY": (1, None),
     "KEEP_CHECKPOINTS": (0, None), "GEN_N": (1, None), "GEN_TRUNCATION": (0, 10),
@@ -213,7 +214,7 @@ PRESETS = {
     "demo": dict(DATA_ROOT=DEMO_ROOT, RESOLUTION=64, CHANNEL_BASE=1024, CHANNEL_MAX=64, Z_DIM=64, W_DIM=64,
                  MAPPING_LAYERS=2, BATCH_SIZE=8, EPOCHS=6, SAMPLE_EVERY=1, CHECKPOINT_EVERY=1,
                  LOSS="logistic", R1_GAMMA=4.0, G_LR=0.01, D_LR=0.01, PL_WEIGHT=0.0,
-                 STYLE_MIXING_PROB=0.0, EVAL_EVERY=3),
+                 STYLE_MIXING_PROB=0.0, MODE_SEEKING=0.03, EVAL_EVERY=3),
     # Seed 000's setup: ADNI at 256x256, z = w = 256, 8 mapping layers, WGAN-GP every step,
     # path length every 16 batches, cyclic learning rate, resize + vertical flips.
     "adni256": dict(RESOLUTION=256, RESIZE_MODE="resize", VFLIP=True, HFLIP=False, Z_DIM=256, W_DIM=256,

@@ -11,6 +11,7 @@ figures as JSON (--out) and as a Markdown table beside it. Metrics:
   fid, kid       Frechet / kernel Inception distance (needs --inception-weights); lower is better
   precision      share of generated images inside the real k-NN manifold (fidelity); higher is better
   recall         share of real images inside the generated k-NN manifold (coverage); higher is better
+  knn_ratio      median k-NN radius of generated over real images: below 1 they crowd together (low recall)
   cas            (--cas) a ResNet-18 AD-vs-NC classifier trained on real, generated, and real + generated
                  slices, tested on the real test split: accuracy and AUC of each"""
 import sys
@@ -46,6 +47,8 @@ DESCRIPTIONS = {
     "kid_std": "standard deviation of KID over subsets",
     "precision": "share of generated images on the real manifold (higher is better)",
     "recall": "share of real images on the generated manifold (higher is better)",
+    "knn_ratio": "median k-NN radius of generated over real images (below 1: they crowd, recall falls; "
+                 "above 1: they spread wider than the data, precision falls)",
     "d_real": "D's mean score on training slices (no augmentation)",
     "d_fake": "D's mean score on generated slices",
     "d_heldout": "D's mean score on held-out real slices (DATA_ROOT/test)",

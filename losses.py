@@ -53,6 +53,16 @@ def path_length_penalty(fake_img, ws, pl_mean, decay):
     return (lengths - new_mean).square().mean(), new_mean
 
 
+def mode_seeking_penalty(fake_img, z, size=16, eps=1e-5):
+    """Mode seeking (Mao et al. 2019): the inverse of how far apart the images of two latents are
+    per unit of latent distance, the batch's halves paired. Images are compared as size x size
+    thumbnails, so that per-pixel noise cannot buy distance."""
+    a, b = F.adaptive_avg_pool2d(fake_img.float(), size).flatten(1).chunk(2)  # (N, C, R, R) -> 2 x (N/2, C*size*size)
+    za, zb = z.chunk(2)
+    ratio = (a - b).abs().mean(1) / (za - zb).abs().mean(1)
+    return (1 / (ratio + eps)).mean()
+
+
 # ---------------------------------------------------------------------------------------
 # The chosen objective: the loss is picked once, here
 # ---------------------------------------------------------------------------------------

@@ -223,6 +223,15 @@ def precision_recall(real, fake, k=3):
     return (manifold_coverage(real, knn_radii(real, k), fake), manifold_coverage(fake, knn_radii(fake, k), real))
 
 
+def knn_ratio(real, fake, k=3):
+    """Median k-NN radius of the fake features over that of the real ones (at equal numbers): below 1
+    the generated images crowd closer together than real ones do, and recall falls; above 1 they
+    spread wider, and precision falls."""
+    real, fake = real.float(), fake.float()
+    k = min(k, len(real) - 1, len(fake) - 1)
+    return (knn_radii(fake, k).median() / knn_radii(real, k).median()).item()
+
+
 def pixel_features(images, size=16):
     """Weight-free features: the images area-averaged to size x size, flattened: (N, C*size*size)."""
     return F.adaptive_avg_pool2d(images.float(), size).flatten(1)
@@ -570,6 +579,7 @@ class Evaluator:
             out["fid"] = frechet_distance(*self.real_stats, *feature_stats(features))
             out["kid"], out["kid_std"] = kernel_distance(self.real_features, features, self.seed)
         out["precision"], out["recall"] = precision_recall(self.real_features, features)
+        out["knn_ratio"] = knn_ratio(self.real_features, features)
         figures, (d, idx) = memorisation(fake, None, reference=self.memo_reference)
         order = d.argsort()[:MEMO_PAIRS]  # the closest pairs, kept for save_memorisation_figure
         self.closest = (fake[order], to_model_range(self.real_uint8[idx[order]]))

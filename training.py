@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from augment import AugmentPipe, AugmentProbability, random_flips, random_rotation_and_jitter
 from dataset import to_model_range
-from losses import Objective, path_length_penalty
+from losses import Objective, mode_seeking_penalty, path_length_penalty
 from modules import Discriminator, DiscriminatorBlock, Generator, at_growth_level
 from ops import use_fast_kernels
 from utils import (
@@ -32,7 +32,8 @@ from utils import (
 )
 
 TRAINING_KEYS = CHECKPOINT_KEYS + ("G", "D", "opt_G", "opt_D", "epoch", "epoch_nimg", "pl_mean", "rng")  # to resume
-HISTORY_KEYS = ("loss_gen", "loss_critic", "gp", "plp", "real_score", "fake_score", "real_sign", "aug_p")
+HISTORY_KEYS = ("loss_gen", "loss_critic", "gp", "plp", "mode_seeking", "real_score", "fake_score", "real_sign",
+                "aug_p")
 
 
 class Diverged(Exception):
@@ -226,9 +227,16 @@ def g_step(run, cfg, labels, batch_size, regularize):
     G, D = run.G, run.D
     D.requires_grad_(False)  # G's step needs no D gradients; D's trainable parameters get theirs back below
     z = torch.randn(batch_size, cfg.z_dim, device=run.device)
-    fake_pred = discriminate(run, generate_fakes(run, cfg, z, labels, update_w_avg=True), labels)
+    fake = generate_fakes(run, cfg, z, labels, update_w_avg=True)
+    fake_pred = discriminate(run, fake, labels)
     loss = run.objective.g_loss(fake_pred)
-    stats = dict(loss_gen=loss.detach(), grad_g=optimizer_step(run.opt_G, loss))
+    stats = dict(loss_gen=loss.detach())
+    if cfg.mode_seeking > 0 and batch_size >= 2:
+        n = batch_size // 2 * 2  # pairs: the first half of the batch with the second
+        penalty = mode_seeking_penalty(fake[:n], z[:n])
+        loss = loss + penalty * cfg.mode_seeking
+        stats["mode_seeking"] = penalty.detach()
+    stats["grad_g"] = optimizer_step(run.opt_G, loss)
     if regularize:
         n = max(1, batch_size // cfg.pl_batch_shrink)
         sub = labels[:n] if labels is not None else None
@@ -292,7 +300,9 @@ def restore(run, state, cfg, data):
     run.epoch_step = state["epoch_nimg"] // cfg.batch_size
     run.pl_mean = state["pl_mean"].to(run.device)
     run.aug.load_state_dict(state)
-    run.history = {k: state["history"][k].tolist() if k in state["history"] else [] for k in HISTORY_KEYS}
+    steps = len(state["history"]["loss_gen"])  # a key the checkpoint lacks is NaN up to now
+    run.history = {k: state["history"][k].tolist() if k in state["history"] else [math.nan] * steps
+                   for k in HISTORY_KEYS}
     run.metrics = list(state.get("metrics", []))
     torch.set_rng_state(state["rng"]["torch"])
     if run.device.type == "cuda" and len(state["rng"]["cuda"]) == torch.cuda.device_count():

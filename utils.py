@@ -830,7 +830,8 @@ def plot_metrics(metrics, path):
                     key=lambda k: -int(k[4:]))
     panels = [(["swd", *levels, "swd_heldout"], "sliced Wasserstein distance x1e3"),
               (["ms_ssim_fake", "ms_ssim_real", "ms_ssim_heldout"], "MS-SSIM of random pairs (diversity)"),
-              (["precision", "recall", "precision_heldout", "recall_heldout"], "precision and recall"),
+              (["precision", "recall", "precision_heldout", "recall_heldout", "knn_ratio"],
+               "precision, recall, k-NN radius ratio"),
               (["fid"], "FID"), (["kid"], "KID"),
               (["d_real", "d_heldout", "d_fake"], "D's mean score: training reals, held-out reals, fakes")]
     panels = [(keys, title) for keys, title in panels if any(k in m for m in metrics for k in keys)]

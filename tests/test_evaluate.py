@@ -142,6 +142,15 @@ def test_precision_recall_known_cases():
     assert metrics.precision_recall(real, far) == (0.0, 0.0)
 
 
+def test_knn_ratio_tells_crowded_from_spread_samples():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(500, 8, generator=g)
+    assert metrics.knn_ratio(real, real + 3) == pytest.approx(1.0)  # moved, not squeezed
+    assert metrics.knn_ratio(real, real * 0.5) == pytest.approx(0.5)  # the same shape, crowded
+    other = torch.randn(500, 8, generator=g) * 2
+    assert 1.7 < metrics.knn_ratio(real, other) < 2.3
+
+
 # --------------------------------------------------------------------------------------- AUC
 def test_roc_auc_against_pairwise_counting():
     rng = np.random.default_rng(0)

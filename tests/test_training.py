@@ -98,3 +98,34 @@ def test_lazy_regularisation_adam_settings():
     training.set_learning_rates(run, cfg)
     assert run.opt_D.param_groups[0]["lr"] == pytest.approx(cfg.d_lr * c_d)
     assert run.opt_G.param_groups[0]["lr"] == pytest.approx(cfg.g_lr * c_g)
+
+
+def test_mode_seeking_pays_for_alike_pairs_and_ignores_fine_noise():
+    """1 / (thumbnail distance per latent distance) over the batch's halves: pairs twice as far
+    apart cost half, and noise that averages out in 16x16 thumbnails buys nothing."""
+    z = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, -1.0], [2.0, 2.0]])  # pairs (0, 2) and (1, 3)
+    images = torch.zeros(4, 1, 32, 32)
+    images[2], images[3] = 0.5, -0.25  # |a - b| of 0.5 and 0.25, |za - zb| of 1 and 2
+    expected = (1 / (0.5 / 1) + 1 / (0.25 / 2)) / 2
+    assert losses.mode_seeking_penalty(images, z).item() == pytest.approx(expected, rel=1e-4)
+    checker = torch.ones(32, 32)
+    checker[::2, ::2] = checker[1::2, 1::2] = -1  # averages to 0 over every 2x2 block
+    noisy = images + 0.3 * checker
+    assert losses.mode_seeking_penalty(noisy, z).item() == pytest.approx(expected, rel=1e-4)
+    assert losses.mode_seeking_penalty(images * 2, z).item() == pytest.approx(expected / 2, rel=1e-4)
+
+
+def test_mode_seeking_joins_g_s_loss_with_its_weight(monkeypatch):
+    """G's one optimiser step takes its loss plus weight x the penalty of that step's own batch."""
+    cfg, run, real = setup(mode_seeking=0.5)
+    steps, penalties = Recorder(training.optimizer_step), Recorder(losses.mode_seeking_penalty)
+    monkeypatch.setattr(training, "optimizer_step", steps)
+    monkeypatch.setattr(training, "mode_seeking_penalty", penalties)
+    stats = training.g_step(run, cfg, None, len(real), regularize=False)
+    (args, penalty), = penalties.calls
+    assert args[0].shape == real.shape and args[0].requires_grad  # the batch G is trained on
+    (_, loss), = [call[0] for call in steps.calls]
+    assert loss.item() == pytest.approx(stats["loss_gen"].item() + 0.5 * penalty.item(), rel=1e-5)
+    assert stats["mode_seeking"].item() == penalty.item()
+    cfg, run, real = setup()
+    assert "mode_seeking" not in training.g_step(run, cfg, None, len(real), regularize=False)
