@@ -55,11 +55,14 @@ def path_length_penalty(fake_img, ws, pl_mean, decay):
 
 def mode_seeking_penalty(fake_img, z, size=16, eps=1e-5):
     """Mode seeking (Mao et al. 2019): the inverse of how far apart the images of two latents are
-    per unit of latent distance, the batch's halves paired. Images are compared as size x size
-    thumbnails, so that per-pixel noise cannot buy distance."""
-    a, b = F.adaptive_avg_pool2d(fake_img.float(), size).flatten(1).chunk(2)  # (N, C, R, R) -> 2 x (N/2, C*size*size)
-    za, zb = z.chunk(2)
-    ratio = (a - b).abs().mean(1) / (za - zb).abs().mean(1)
+    per unit of latent distance, the batch's first half paired with its second (an odd last image
+    left out; 0 for a batch of one). Images are compared as size x size thumbnails, so that
+    per-pixel noise cannot buy distance."""
+    n = len(z) // 2
+    if n == 0:
+        return fake_img.new_zeros(())
+    thumbs = F.adaptive_avg_pool2d(fake_img[:2 * n].float(), size).flatten(1)  # (2n, C, R, R) -> (2n, C*size*size)
+    ratio = (thumbs[:n] - thumbs[n:]).abs().mean(1) / (z[:n] - z[n:2 * n]).abs().mean(1)
     return (1 / (ratio + eps)).mean()
 
 

@@ -216,20 +216,21 @@ def manifold_coverage(reference, radii, query, chunk=1024):
     return torch.cat(inside).float().mean().item()
 
 
-def precision_recall(real, fake, k=3):
-    """Improved precision and recall (Kynkaanniemi et al. 2019) of features (N, D)."""
-    real, fake = real.float(), fake.float()
-    k = min(k, len(real) - 1, len(fake) - 1)
-    return (manifold_coverage(real, knn_radii(real, k), fake), manifold_coverage(fake, knn_radii(fake, k), real))
-
-
-def knn_ratio(real, fake, k=3):
-    """Median k-NN radius of the fake features over that of the real ones (at equal numbers): below 1
-    the generated images crowd closer together than real ones do, and recall falls; above 1 they
+def manifold_figures(real, fake, k=3):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of features (N, D), and knn_ratio:
+    the median k-NN radius of the fakes over that of the reals (at equal numbers). Below 1 the
+    generated images crowd closer together than real ones do, and recall falls; above 1 they
     spread wider, and precision falls."""
     real, fake = real.float(), fake.float()
     k = min(k, len(real) - 1, len(fake) - 1)
-    return (knn_radii(fake, k).median() / knn_radii(real, k).median()).item()
+    real_radii, fake_radii = knn_radii(real, k), knn_radii(fake, k)
+    return (manifold_coverage(real, real_radii, fake), manifold_coverage(fake, fake_radii, real),
+            (fake_radii.median() / real_radii.median()).item())
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall of features (N, D)."""
+    return manifold_figures(real, fake, k)[:2]
 
 
 def pixel_features(images, size=16):
@@ -578,8 +579,7 @@ class Evaluator:
         if self.inception is not None:
             out["fid"] = frechet_distance(*self.real_stats, *feature_stats(features))
             out["kid"], out["kid_std"] = kernel_distance(self.real_features, features, self.seed)
-        out["precision"], out["recall"] = precision_recall(self.real_features, features)
-        out["knn_ratio"] = knn_ratio(self.real_features, features)
+        out["precision"], out["recall"], out["knn_ratio"] = manifold_figures(self.real_features, features)
         figures, (d, idx) = memorisation(fake, None, reference=self.memo_reference)
         order = d.argsort()[:MEMO_PAIRS]  # the closest pairs, kept for save_memorisation_figure
         self.closest = (fake[order], to_model_range(self.real_uint8[idx[order]]))

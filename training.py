@@ -231,9 +231,8 @@ def g_step(run, cfg, labels, batch_size, regularize):
     fake_pred = discriminate(run, fake, labels)
     loss = run.objective.g_loss(fake_pred)
     stats = dict(loss_gen=loss.detach())
-    if cfg.mode_seeking > 0 and batch_size >= 2:
-        n = batch_size // 2 * 2  # pairs: the first half of the batch with the second
-        penalty = mode_seeking_penalty(fake[:n], z[:n])
+    if cfg.mode_seeking > 0:
+        penalty = mode_seeking_penalty(fake, z)
         loss = loss + penalty * cfg.mode_seeking
         stats["mode_seeking"] = penalty.detach()
     stats["grad_g"] = optimizer_step(run.opt_G, loss)

@@ -113,17 +113,23 @@ def test_mode_seeking_pays_for_alike_pairs_and_ignores_fine_noise():
     noisy = images + 0.3 * checker
     assert losses.mode_seeking_penalty(noisy, z).item() == pytest.approx(expected, rel=1e-4)
     assert losses.mode_seeking_penalty(images * 2, z).item() == pytest.approx(expected / 2, rel=1e-4)
+    odd = torch.cat([images, images[:1] + 1]), torch.cat([z, z[:1]])  # a fifth image is left out
+    assert losses.mode_seeking_penalty(*odd).item() == pytest.approx(expected, rel=1e-4)
+    assert losses.mode_seeking_penalty(images[:1], z[:1]).item() == 0
 
 
 def test_mode_seeking_joins_g_s_loss_with_its_weight(monkeypatch):
     """G's one optimiser step takes its loss plus weight x the penalty of that step's own batch."""
     cfg, run, real = setup(mode_seeking=0.5)
     steps, penalties = Recorder(training.optimizer_step), Recorder(losses.mode_seeking_penalty)
+    scored = Recorder(training.discriminate)
     monkeypatch.setattr(training, "optimizer_step", steps)
     monkeypatch.setattr(training, "mode_seeking_penalty", penalties)
+    monkeypatch.setattr(training, "discriminate", scored)
     stats = training.g_step(run, cfg, None, len(real), regularize=False)
     (args, penalty), = penalties.calls
     assert args[0].shape == real.shape and args[0].requires_grad  # the batch G is trained on
+    assert args[0] is scored.calls[0][0][1]  # the very images D scored for G's loss
     (_, loss), = [call[0] for call in steps.calls]
     assert loss.item() == pytest.approx(stats["loss_gen"].item() + 0.5 * penalty.item(), rel=1e-5)
     assert stats["mode_seeking"].item() == penalty.item()
