@@ -1,10 +1,12 @@
 """Losses and penalties, as pure functions of scores, images and latents: WGAN-GP's critic loss
-with drift and gradient penalty, the non-saturating logistic loss with R1, and the path-length
-penalty. training.py applies them (d_step, g_step) with lazy regularisation."""
+with drift and gradient penalty, the non-saturating logistic loss with R1, the path-length
+penalty and mode seeking. training.py applies them (d_step, g_step) with lazy regularisation."""
 import math
 
 import torch
 import torch.nn.functional as F
+
+from ops import thumbnails
 
 
 def d_wgan_loss(real_pred, fake_pred, drift):
@@ -61,7 +63,7 @@ def mode_seeking_penalty(fake_img, z, size=16, eps=1e-5):
     n = len(z) // 2
     if n == 0:
         return fake_img.new_zeros(())
-    thumbs = F.adaptive_avg_pool2d(fake_img[:2 * n].float(), size).flatten(1)  # (2n, C, R, R) -> (2n, C*size*size)
+    thumbs = thumbnails(fake_img[:2 * n], size)  # (2n, C, R, R) -> (2n, C*size*size)
     ratio = (thumbs[:n] - thumbs[n:]).abs().mean(1) / (z[:n] - z[n:2 * n]).abs().mean(1)
     return (1 / (ratio + eps)).mean()
 

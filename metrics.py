@@ -16,6 +16,7 @@ from torchvision.models.inception import Inception3, InceptionA, InceptionC, Inc
 from tqdm import tqdm
 
 from dataset import load_slices, to_model_range
+from ops import thumbnails
 from utils import UserError, images_from_latents, quantize_uint8, save_grid
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -234,8 +235,8 @@ def precision_recall(real, fake, k=3):
 
 
 def pixel_features(images, size=16):
-    """Weight-free features: the images area-averaged to size x size, flattened: (N, C*size*size)."""
-    return F.adaptive_avg_pool2d(images.float(), size).flatten(1)
+    """Weight-free features: the images' size x size thumbnails, (N, C*size*size)."""
+    return thumbnails(images, size)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Low-level operations below the networks: a 2D convolution whose derivatives are again
 convolutions (to any order, for the lazy penalties' double backward), Winograd's F(2x2, 3x3) for
-stride-1 3x3 convolutions on the CPU, and the process-wide fast-kernel switches."""
+stride-1 3x3 convolutions on the CPU, the process-wide fast-kernel switches, and the area-averaged
+thumbnails that the mode-seeking penalty and the pixel-space metrics compare images by."""
 import ctypes
 
 import torch
+import torch.nn.functional as F
 
 import constants
 
@@ -251,3 +253,8 @@ def use_fast_kernels(device, winograd="auto"):
     convolution where it is faster (--winograd) and malloc keeping freed memory."""
     use_winograd(winograd, device)
     keep_freed_memory()
+
+
+def thumbnails(images, size=16):
+    """Images area-averaged to size x size and flattened: (N, C, H, W) -> (N, C*size*size)."""
+    return F.adaptive_avg_pool2d(images.float(), size).flatten(1)
