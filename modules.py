@@ -414,7 +414,11 @@ class MinibatchStdDev(nn.Module):
         super().__init__()
         self.group_size = group_size
 
-    def forward(self, x):  # (N, C, H, W) -> (N, C + 1, H, W)
+    def forward(self, x, batches=1):  # (N, C, H, W) -> (N, C + 1, H, W)
+        """`batches` > 1: x is that many batches one after the other (D's real and generated images in
+        one pass), and no group mixes two of them."""
+        if batches > 1:
+            return torch.cat([self(part) for part in x.chunk(batches)])
         n, c, h, w = x.shape
         g = max(d for d in range(1, min(self.group_size, n) + 1) if n % d == 0)
         y = x.reshape(g, -1, c, h, w)
@@ -473,9 +477,10 @@ class Discriminator(nn.Module):
         """Each image's own features: the blocks' output, before the minibatch standard deviation."""
         return self.blocks(self.from_img(img))
 
-    def forward(self, img, labels=None):  # (N, C, R, R) -> (N,)
+    def forward(self, img, labels=None, batches=1):  # (N, C, R, R) -> (N,)
+        """`batches`: img holds that many equal batches, scored as if one at a time (minibatch std)."""
         x = self.features(img)  # (N, ch(4), 4, 4)
-        h = self.fc(self.conv(self.mbstd(x)).flatten(1))  # (N, ch(4))
+        h = self.fc(self.conv(self.mbstd(x, batches)).flatten(1))  # (N, ch(4))
         score = self.out(h).squeeze(1)
         if self.num_classes:
             e = self.embed(F.one_hot(labels, self.num_classes).to(h.dtype))

@@ -100,8 +100,8 @@ def build_run(cfg, data, device):
         p.requires_grad_(False)
     intervals = reg_intervals(cfg)
     betas = {net: tuple(b ** lazy_ratio(intervals[net]) for b in cfg.adam_betas) for net in "GD"}
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.g_lr, betas=betas["G"])
-    opt_D = torch.optim.Adam([p for p in D.parameters() if p.requires_grad], lr=cfg.d_lr, betas=betas["D"])
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.g_lr, betas=betas["G"], fused=True)
+    opt_D = torch.optim.Adam([p for p in D.parameters() if p.requires_grad], lr=cfg.d_lr, betas=betas["D"], fused=True)
     synthesis, D_main = compiled([G.synthesis, D], device) if cfg.compile else (G.synthesis, D)
     return TrainingRun(G=G, D=D, G_ema=G_ema, opt_G=opt_G, opt_D=opt_D, model_args=model_args,
                        objective=Objective.from_settings(cfg), synthesis=synthesis,
@@ -198,10 +198,11 @@ def augment(run, images):
     return run.augment(images, run.aug.p) if run.augment is not None else images
 
 
-def discriminate(run, images, labels):
-    """D's main forward on augmented images (compiled, autocast), scores in float32."""
+def discriminate(run, images, labels, batches=1):
+    """D's main forward on augmented images (compiled, autocast), scores in float32; `batches` equal
+    batches one after the other, each with its own minibatch-std groups."""
     with autocast(run):
-        return run.D_main(augment(run, images), labels).float()
+        return run.D_main(augment(run, images), labels, batches).float()
 
 
 def d_step(run, cfg, real, labels, regularize):
@@ -209,7 +210,8 @@ def d_step(run, cfg, real, labels, regularize):
     z = torch.randn(len(real), cfg.z_dim, device=real.device)
     with torch.no_grad():
         fake = generate_fakes(run, cfg, z, labels).float()
-    real_pred, fake_pred = discriminate(run, real, labels), discriminate(run, fake, labels)
+    both = torch.cat([labels, labels]) if labels is not None else None
+    real_pred, fake_pred = discriminate(run, torch.cat([real, fake]), both, batches=2).chunk(2)  # one pass
     loss = run.objective.d_loss(real_pred, fake_pred)
     stats = dict(loss_critic=loss.detach(), real_score=real_pred.mean().detach(),
                  fake_score=fake_pred.mean().detach(), grad_d=optimizer_step(run.opt_D, loss))

@@ -329,6 +329,25 @@ def test_mbstd_identical_samples_give_zero():
     assert torch.allclose(y[:, 3], torch.full([4, 4, 4], 1e-4), atol=1e-5)  # sqrt(1e-8)
 
 
+def test_mbstd_keeps_batches_scored_in_one_pass_apart():
+    """Real and generated images scored in one pass (batches=2): each half gets its own groups,
+    the same as scoring it alone; without the split the groups would mix the halves."""
+    torch.manual_seed(0)
+    layer = MinibatchStdDev(4)
+    real, fake = torch.randn(4, 2, 3, 3), torch.randn(1, 2, 3, 3).repeat(4, 1, 1, 1)
+    both = layer(torch.cat([real, fake]), batches=2)
+    torch.testing.assert_close(both, torch.cat([layer(real), layer(fake)]))
+    assert (both[4:, -1] < 1e-3).all()  # the identical half alone: no spread
+    assert (layer(torch.cat([real, fake]))[4:, -1] > 0.1).all()  # mixed groups would see one
+
+
+def test_discriminator_scores_two_batches_in_one_pass_as_one_at_a_time():
+    torch.manual_seed(0)
+    D = Discriminator(32, 1, channel_base=256, channel_max=16)
+    a, b = torch.randn(4, 1, 32, 32), torch.randn(4, 1, 32, 32)
+    torch.testing.assert_close(D(torch.cat([a, b]), batches=2), torch.cat([D(a), D(b)]), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("n,group,used", [(6, 4, 3), (5, 4, 1), (2, 4, 2), (7, 4, 1), (8, 4, 4)])
 def test_mbstd_batch_not_divisible_by_group(n, group, used):
     torch.manual_seed(0)

@@ -51,6 +51,18 @@ def test_the_gradient_penalty_sees_the_real_and_the_generated_batch(monkeypatch)
     assert torch.equal(args[1], real) and args[2].shape == real.shape and not torch.allclose(args[2], real)
 
 
+def test_d_scores_the_real_and_the_generated_batch_apart(monkeypatch):
+    """D's main step scores both batches in one pass, with each batch's own minibatch-std groups:
+    a real batch of one repeated slice must look as uniform to D as it does alone."""
+    cfg, run, real = setup(loss="logistic")
+    real = real[:1].repeat(8, 1, 1, 1)
+    spy = Recorder(run.D.mbstd.forward)
+    monkeypatch.setattr(run.D.mbstd, "forward", spy)
+    training.d_step(run, cfg, real, None, regularize=False)
+    out = spy.calls[-1][1]  # the outer call (its halves call forward too)
+    assert out.shape[0] == 16 and (out[:8, -1] < 1e-3).all() and (out[8:, -1] > 1e-2).all()
+
+
 def test_gradient_penalty_interpolates_between_real_and_fake():
     """A quadratic critic sum(x^2)/2 has gradient x: the penalty is (|x_hat| - 1)^2 at x_hat =
     alpha real + (1 - alpha) fake, with the alpha drawn first from the generator's state."""
