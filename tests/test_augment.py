@@ -119,7 +119,7 @@ def test_bad_augmentation_settings(data, tmp_path, capsys, flag, value):
 
 
 def test_every_image_d_sees_is_augmented():
-    """Reals and fakes in the D step, the penalty's inputs, and G's fakes (with their gradients)."""
+    """Reals and fakes in the D step (one pass), the penalty's inputs, and G's fakes (with their gradients)."""
     cfg = utils.resolve_settings({"AUGMENT": "fixed", "AUGMENT_P": 0.5, "D_REG_INTERVAL": 1, "PL_INTERVAL": 1,
                                   "BATCH_SIZE": 8, "DEVICE": "cpu"}, "", "smoke")
     data = SimpleNamespace(images=torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8),
@@ -128,5 +128,5 @@ def test_every_image_d_sees_is_augmented():
     calls, pipe = [], run.augment
     run.augment = lambda x, p: calls.append((len(x), p, x.requires_grad)) or pipe(x, p)
     training.train_step(run, cfg, data, torch.arange(8))
-    assert [(n, p) for n, p, _ in calls] == [(8, 0.5)] * 4  # real, fake, GP interpolates, G's fakes
-    assert [g for _, _, g in calls] == [False, False, True, True]
+    assert [(n, p) for n, p, _ in calls] == [(16, 0.5), (8, 0.5), (8, 0.5)]  # real + fake, GP interpolates, G's fakes
+    assert [g for _, _, g in calls] == [False, True, True]
