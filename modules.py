@@ -13,7 +13,8 @@ SQRT2 = math.sqrt(2)
 
 
 def lrelu(x):
-    """Leaky ReLU (slope 0.2) with gain sqrt(2), which keeps unit variance."""
+    """Leaky ReLU (slope 0.2) with gain sqrt(2), which keeps unit variance. The layers below carry the
+    gain in their weights instead (lrelu(g x) = g lrelu(x) for g > 0), which saves a pass over x."""
     return F.leaky_relu(x, 0.2) * SQRT2
 
 
@@ -84,9 +85,10 @@ class EqualLinear(nn.Module):
         self.activation = activation
 
     def forward(self, x):
-        bias = self.bias * self.lr_mult if self.bias is not None else None
-        x = F.linear(x, self.weight * self.scale, bias)
-        return lrelu(x) if self.activation else x
+        gain = SQRT2 if self.activation else 1.0  # lrelu's gain, carried by the weights
+        bias = self.bias * (self.lr_mult * gain) if self.bias is not None else None
+        x = F.linear(x, self.weight * (self.scale * gain), bias)
+        return F.leaky_relu(x, 0.2) if self.activation else x
 
 
 class EqualConv2d(nn.Module):
@@ -104,14 +106,15 @@ class EqualConv2d(nn.Module):
         self.activation, self.down, self.resample, self.clamp = activation, down, resample, clamp
 
     def forward(self, x):
-        weight, k = self.weight * self.scale, self.weight.shape[-1]
+        gain = SQRT2 if self.activation else 1.0  # lrelu's gain, carried by the weights
+        weight, k = self.weight * (self.scale * gain), self.weight.shape[-1]
         if self.down and self.resample == "upfirdn" and k > 1:
             x = conv2d(blur(x, padding=2), weight, stride=2)  # (N, C, H, W) -> (N, C', H/2, W/2)
         else:
             x = conv2d(downsample2x(x, self.resample) if self.down else x, weight, padding=k // 2)
         if self.bias is not None:
-            x = x + self.bias[None, :, None, None]
-        return clamp(lrelu(x), self.clamp) if self.activation else x
+            x = x + self.bias[None, :, None, None] * gain
+        return clamp(F.leaky_relu(x, 0.2), self.clamp) if self.activation else x
 
 
 class Blur(nn.Module):
@@ -201,22 +204,32 @@ class ModulatedConv2d(nn.Module):
         self.demodulate, self.up = demodulate and modulate, up
         self.blur = Blur() if up else None
 
-    def forward(self, x, w, fused=False):  # (N, Cin, H, W), (N, w_dim) -> (N, Cout, H', W')
+    def forward(self, x, w, fused=False, noise=None, gain=1.0):  # (N, Cin, H, W), (N, w_dim) -> (N, Cout, H', W')
+        """gain * (the modulated convolution of x + `noise`), where noise (N | 1, 1, H', W') may be None.
+        Demodulation, noise and gain take one pass over the output (the demodulation's per-sample
+        scale commutes with the per-channel blur of an up-sampling layer)."""
         styles = self.affine(w) if self.affine is not None else torch.ones_like(x[:, :, 0, 0])  # (N, Cin)
         weight = self.weight * self.scale  # (Cout, Cin, k, k)
         dcoefs = None
         if self.demodulate:  # 1/sqrt(sum_{i,k} (w_oik s_i)^2) = 1/sqrt(s^2 @ sum_k w_oik^2)
             dcoefs = (styles.square() @ weight.square().sum([2, 3]).T + 1e-8).rsqrt()  # (N, Cout)
-        x = self._grouped(x, weight, styles, dcoefs) if fused else self._scaled(x, weight, styles, dcoefs)
-        return self.blur(x) if self.up else x
+        if fused:
+            x, dcoefs = self._grouped(x, weight, styles, dcoefs), None
+        else:
+            x = self._scaled(x, weight, styles)
+        x = self.blur(x) if self.up else x
+        noise = noise * gain if noise is not None and gain != 1 else noise
+        if dcoefs is not None:
+            scale = dcoefs[:, :, None, None] * gain  # (N, Cout, 1, 1)
+            return torch.addcmul(noise, x, scale) if noise is not None else x * scale
+        x = x * gain if gain != 1 else x
+        return x + noise if noise is not None else x
 
-    def _scaled(self, x, weight, styles, dcoefs):
+    def _scaled(self, x, weight, styles):
         x = x * styles[:, :, None, None]
         if self.up:
-            x = conv2d(x, weight.transpose(0, 1), stride=2, transpose=True)
-        else:
-            x = conv2d(x, weight, padding=weight.shape[-1] // 2)
-        return x * dcoefs[:, :, None, None] if dcoefs is not None else x
+            return conv2d(x, weight.transpose(0, 1), stride=2, transpose=True)
+        return conv2d(x, weight, padding=weight.shape[-1] // 2)
 
     def _grouped(self, x, weight, styles, dcoefs):
         n, cin, h, w = x.shape
@@ -233,21 +246,23 @@ class ModulatedConv2d(nn.Module):
 
 
 class NoiseInjection(nn.Module):
-    """Adds per-pixel Gaussian noise scaled by a learned per-layer strength (starts at zero)."""
+    """Per-pixel Gaussian noise scaled by a learned per-layer strength (starts at zero); the layer's
+    modulated convolution adds it."""
 
     def __init__(self, resolution):
         super().__init__()
         self.strength = nn.Parameter(torch.zeros([]))
         self.register_buffer("const_noise", torch.randn(1, 1, resolution, resolution))
 
-    def forward(self, x, noise_mode="random"):
+    def forward(self, x, noise_mode="random"):  # -> (N | 1, 1, R, R), or None
+        """The noise for the batch of x (any tensor of N samples): strength times fresh noise (random),
+        times the fixed maps (const), or None (none)."""
         if noise_mode == "none":
-            return x
+            return None
         if noise_mode == "const":
-            noise = self.const_noise
-        else:
-            noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
-        return x + noise * self.strength
+            return (self.const_noise * self.strength).to(x.dtype)
+        size = self.const_noise.shape[2:]
+        return torch.randn(x.shape[0], 1, *size, device=x.device, dtype=x.dtype) * self.strength
 
 
 class AdaIN(nn.Module):
@@ -281,8 +296,8 @@ class StyledLayer(nn.Module):
         self.clamp = clamp
 
     def forward(self, x, w, noise_mode="random"):
-        x = self.noise(self.conv(x, w), noise_mode)
-        x = clamp(lrelu(x + self.bias[None, :, None, None]), self.clamp)
+        x = self.conv(x, w, noise=self.noise(x, noise_mode), gain=SQRT2)  # lrelu's gain, carried here
+        x = clamp(F.leaky_relu(x + self.bias[None, :, None, None] * SQRT2, 0.2), self.clamp)
         return self.adain(x, w) if self.adain is not None else x
 
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import modules
 import ops
@@ -273,6 +274,49 @@ def test_modconv_fused_matches_unfused(kernel, up, demodulate):
     with torch.no_grad():
         c = conv(x, w.flip(0), fused=True)
     assert not torch.allclose(a, c, atol=1e-3)
+
+
+@pytest.mark.parametrize("fused,up,style_op", [(False, False, "modconv"), (False, True, "modconv"),
+                                                (True, True, "modconv"), (False, False, "adain")])
+def test_styled_layer_is_lrelu_of_conv_plus_noise_plus_bias_times_sqrt2(fused, up, style_op):
+    """The layer carries lrelu's gain (and adds the noise) in its convolution's last pass; the result is
+    the textbook sqrt(2) * lrelu(conv + strength * noise + bias), with either form of the convolution."""
+    torch.manual_seed(0)
+    layer = modules.StyledLayer(6, 5, 16, 16, up=up, style_op=style_op)
+    with torch.no_grad():
+        layer.noise.strength.fill_(0.7)
+        layer.bias.normal_()
+    size = 8 if up else 16
+    x, w = torch.randn(3, 6, size, size), torch.randn(3, 16)
+    noise, bias = 0.7 * layer.noise.const_noise, layer.bias[None, :, None, None]
+    with torch.no_grad():
+        expected = modules.lrelu(layer.conv(x, w, fused=fused) + noise + bias)
+        if layer.adain is not None:
+            expected = layer.adain(expected, w)
+        if fused:  # the layer's own last steps around the grouped form
+            got = F.leaky_relu(layer.conv(x, w, fused=True, noise=noise, gain=math.sqrt(2)) + bias * math.sqrt(2), 0.2)
+        else:
+            got = layer(x, w, noise_mode="const")
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("down,resample", [(False, "bilinear"), (True, "bilinear"), (True, "upfirdn")])
+def test_equal_conv_is_lrelu_of_conv_plus_bias_times_sqrt2(down, resample):
+    torch.manual_seed(0)
+    layer = modules.EqualConv2d(4, 6, 3, down=down, resample=resample)
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(2, 4, 8, 8)
+    plain = modules.EqualConv2d(4, 6, 3, activation=False, down=down, resample=resample)
+    plain.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(layer(x), modules.lrelu(plain(x)), atol=1e-5)
+    fc = EqualLinear(5, 3, bias_init=0.3, lr_mult=0.1, activation=True)
+    linear = EqualLinear(5, 3, bias_init=0.3, lr_mult=0.1)
+    linear.load_state_dict(fc.state_dict())
+    v = torch.randn(4, 5)
+    with torch.no_grad():
+        assert torch.allclose(fc(v), modules.lrelu(linear(v)), atol=1e-5)
 
 
 def test_modconv_train_eval_default_paths_agree():
