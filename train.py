@@ -567,6 +567,8 @@ def train_loop(run, cfg, data, sampler, outputs):
                 outputs.after_epoch(stop)
         if stop.signum is None:
             outputs.grid(f"step_{run.step:08d}.png")
+            if cfg.eval_every and (not run.metrics or run.metrics[-1]["step"] != run.step):
+                outputs.evaluate(stop)  # a finished run's last state is always evaluated
         outputs.tick()
         with stop.writing_checkpoint():
             path = outputs.checkpoint()

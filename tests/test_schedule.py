@@ -33,7 +33,7 @@ def test_kimg_sets_the_length_and_snapshots_come_every_snapshot_kimg(kimg_run):
     assert read_checkpoint(models / "checkpoint_00000013.pt")["nimg"] == 104
     assert (samples / "fakes_000000.png").is_file() and not list(samples.glob("epoch_*.png"))
     evaluations = lines(kimg_run / "metrics.jsonl")
-    assert [m["nimg"] for m in evaluations] == [40, 80]
+    assert [m["nimg"] for m in evaluations] == [40, 80, 104]  # every 40 images, and the finished run's end
     assert {"kimg", "step", "time_s", "train_s", "swd", "precision", "copy_rate"} <= set(evaluations[0])
     assert 0 < evaluations[0]["train_s"] <= evaluations[0]["time_s"]
 
@@ -76,7 +76,7 @@ def test_resuming_an_older_checkpoint_moves_later_log_lines_aside(data, tmp_path
     (superseded,) = (out / "Models" / "superseded").iterdir()
     assert (superseded / "stats.jsonl").read_text() == before  # the original, whole
     assert [t["nimg"] for t in lines(out / "stats.jsonl")] == [16, 32, 48]  # up to 40 images, then the new end
-    assert [m["nimg"] for m in lines(out / "metrics.jsonl")] == [40]
+    assert [m["nimg"] for m in lines(out / "metrics.jsonl")] == [40, 48]  # up to 40 images, then the new end
     assert {p.name for p in superseded.iterdir()} >= {"checkpoint_00000010.pt", "metrics.jsonl"}
 
 
@@ -105,3 +105,13 @@ def test_loss_plots_from_the_logs(kimg_run, tmp_path, capsys):
     empty.write_text("")
     assert generate_images.main(["--mode", "losses", "--checkpoint", str(empty), "--out-dir", str(out)]) == 2
     assert "no statistics" in capsys.readouterr().err
+
+
+def test_a_finished_run_evaluates_its_last_epoch_once(data, tmp_path):
+    """Evaluations come every EVAL_EVERY epochs and after the last one, which is not evaluated twice."""
+    out = tmp_path / "run"
+    assert train.main(smoke(data, out, "--epochs", "3", "--eval-every", "2", "--max-steps", "0")) == 0
+    assert [m["epoch"] for m in lines(out / "metrics.jsonl")] == [2, 3]
+    again = tmp_path / "again"
+    assert train.main(smoke(data, again, "--epochs", "2", "--eval-every", "1", "--max-steps", "0")) == 0
+    assert [m["epoch"] for m in lines(again / "metrics.jsonl")] == [1, 2]
