@@ -74,7 +74,7 @@ SAMPLE_EVERY = 2  # epochs between sample grids from fixed latents
 SAMPLE_COUNT = 16  # images in each sample grid
 CHECKPOINT_EVERY = 4  # epochs between checkpoints
 KEEP_CHECKPOINTS = 3  # newest checkpoints kept in Models/ (0: keep all)
-EVAL_EVERY = 4  # epochs between evaluations (SWD, MS-SSIM, precision/recall; FID/KID with weights) (0: off)
+EVAL_EVERY = 4  # epochs between evaluations (SWD, MS-SSIM, precision/recall; FID/KID with weights), and one at the end (0: off)
 EVAL_N = 1000  # generated and real images in each evaluation
 EVAL_METRIC = "auto"  # metric that picks Models/best.pt: auto (fid with Inception weights, else swd) | swd | fid | kid
 EVAL_MAX_COPY_RATE = 0.01  # best.pt only from evaluations with copy_rate at most this (1: any; copy_rate needs test/)
@@ -211,9 +211,9 @@ PRESETS = {
     # The built-in demo set at 64x64: a small model with StyleGAN2's logistic loss + R1, tuned for
     # quality per minute of a short CPU run (docs/results.md): batch 8, a strong R1 (gamma 4), a high
     # learning rate (0.01) and mode seeking (0.05) against crowding; no path-length penalty or style
-    # mixing, 2 mapping layers. 10 epochs.
+    # mixing, 2 mapping layers. 11 epochs.
     "demo": dict(DATA_ROOT=DEMO_ROOT, RESOLUTION=64, CHANNEL_BASE=1024, CHANNEL_MAX=64, Z_DIM=64, W_DIM=64,
-                 MAPPING_LAYERS=2, BATCH_SIZE=8, EPOCHS=10, SAMPLE_EVERY=1, CHECKPOINT_EVERY=1,
+                 MAPPING_LAYERS=2, BATCH_SIZE=8, EPOCHS=11, SAMPLE_EVERY=1, CHECKPOINT_EVERY=1,
                  LOSS="logistic", R1_GAMMA=4.0, G_LR=0.01, D_LR=0.01, PL_WEIGHT=0.0,
                  STYLE_MIXING_PROB=0.0, MODE_SEEKING=0.05, EVAL_EVERY=5),
     # Seed 000's setup: ADNI at 256x256, z = w = 256, 8 mapping layers, WGAN-GP every step,
