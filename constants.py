@@ -215,7 +215,7 @@ PRESETS = {
     "demo": dict(DATA_ROOT=DEMO_ROOT, RESOLUTION=64, CHANNEL_BASE=1024, CHANNEL_MAX=64, Z_DIM=64, W_DIM=64,
                  MAPPING_LAYERS=2, BATCH_SIZE=8, EPOCHS=11, SAMPLE_EVERY=1, CHECKPOINT_EVERY=1,
                  LOSS="logistic", R1_GAMMA=4.0, G_LR=0.01, D_LR=0.01, PL_WEIGHT=0.0,
-                 STYLE_MIXING_PROB=0.0, MODE_SEEKING=0.05, EVAL_EVERY=5),
+                 STYLE_MIXING_PROB=0.0, MODE_SEEKING=0.05, EVAL_EVERY=6),
     # Seed 000's setup: ADNI at 256x256, z = w = 256, 8 mapping layers, WGAN-GP every step,
     # path length every 16 batches, cyclic learning rate, resize + vertical flips.
     "adni256": dict(RESOLUTION=256, RESIZE_MODE="resize", VFLIP=True, HFLIP=False, Z_DIM=256, W_DIM=256,
