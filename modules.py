@@ -9,13 +9,8 @@ import torch.nn.functional as F
 
 from ops import conv2d
 
-SQRT2 = math.sqrt(2)
-
-
-def lrelu(x):
-    """Leaky ReLU (slope 0.2) with gain sqrt(2), which keeps unit variance. The layers below carry the
-    gain in their weights instead (lrelu(g x) = g lrelu(x) for g > 0), which saves a pass over x."""
-    return F.leaky_relu(x, 0.2) * SQRT2
+SQRT2 = math.sqrt(2)  # StyleGAN2's gain after leaky ReLU (slope 0.2), which keeps unit variance; the
+# layers carry it in their weights and biases (lrelu(g x) = g lrelu(x) for g > 0): one pass fewer over x
 
 
 def pixel_norm(x, eps=1e-8):

@@ -518,8 +518,8 @@ class RunOutputs:
         return path
 
     def evaluate(self, stop):
-        """Evaluate G_ema and keep best.pt (a write that a second Ctrl-C does not cut short)."""
-        if self.evaluator is None:
+        """Evaluate G_ema (once per step) and keep best.pt (a write that a second Ctrl-C does not cut short)."""
+        if self.evaluator is None or (self.run.metrics and self.run.metrics[-1]["step"] == self.run.step):
             return
         best = stop.writing_checkpoint()(lambda: save_checkpoint(checkpoint_state(self.run, self.cfg),
                                                                  self.models / BEST_CHECKPOINT))
@@ -567,7 +567,7 @@ def train_loop(run, cfg, data, sampler, outputs):
                 outputs.after_epoch(stop)
         if stop.signum is None:
             outputs.grid(f"step_{run.step:08d}.png")
-            if cfg.eval_every and (not run.metrics or run.metrics[-1]["step"] != run.step):
+            if cfg.eval_every:
                 outputs.evaluate(stop)  # a finished run's last state is always evaluated
         outputs.tick()
         with stop.writing_checkpoint():
