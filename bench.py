@@ -9,6 +9,7 @@ warm-up, exactly as train.py runs them, and generation with the EMA generator at
 also times one large 3x3 convolution, the machine's practical compute peak, and reports the
 training step's FLOP/s (counted with torch.utils.flop_counter) as a fraction of it. Takes the
 same preset and setting flags as train.py, plus --iters, --warmup and --json."""
+import deps  # noqa: F401, I001  (first: stops with one line when this Python lacks a package)
 import json
 import math
 import signal

@@ -10,6 +10,7 @@ ordinary checkpoint (generate_images.py, evaluate.py and train.py --init-from ta
 networks become 1-channel ones (--channels gray, the default; the data of this toolkit are gray).
 A network this toolkit has no architecture for is refused with one line naming the first tensor
 that does not map."""
+import deps  # noqa: F401, I001  (first: stops with one line when this Python lacks a package)
 import sys
 from pathlib import Path
 

@@ -14,6 +14,7 @@ figures as JSON (--out) and as a Markdown table beside it. Metrics:
   knn_ratio      median k-NN radius of generated over real images: below 1 they crowd together (low recall)
   cas            (--cas) a ResNet-18 AD-vs-NC classifier trained on real, generated, and real + generated
                  slices, tested on the real test split: accuracy and AUC of each"""
+import deps  # noqa: F401, I001  (first: stops with one line when this Python lacks a package)
 import sys
 from pathlib import Path
 

@@ -20,6 +20,7 @@ Modes (--mode):
   project      the w (or W+) and noise maps whose image best matches --target; PSNR and SSIM of the result
   losses       the checkpoint's training loss plot (and evaluation metrics plot)
 The checkpoint carries its own settings, so no architecture flag is needed. The same seed gives the same image."""
+import deps  # noqa: F401, I001  (first: stops with one line when this Python lacks a package)
 import re
 import sys
 from pathlib import Path

@@ -6,6 +6,7 @@
 
 Every setting in constants.py is a flag (--help lists them). Ctrl-C or SIGTERM saves a checkpoint
 and exits; --resume continues exactly where it stopped."""
+import deps  # noqa: F401, I001  (first: stops with one line when this Python lacks a package)
 import contextlib
 import math
 import os

@@ -1,0 +1,90 @@
+"""README's quick start is what CI runs, and a Python without the packages gets one line that says
+what to install (deps.py)."""
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import deps
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ["train.py", "generate_images.py", "evaluate.py", "bench.py", "convert.py"]
+TRAIN = " && python train.py --preset demo"
+
+
+def quick_start():
+    """The commands of README's quick-start block (its first ```bash block), comments left off."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Quick start"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)[1]
+    return [line.split("   #")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def ci_commands():
+    """The lines of .ci/run that run something, after its shell settings and cd."""
+    lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith(("#", "set ", "cd "))]
+
+
+def test_ci_runs_the_quick_starts_install_and_test_commands():
+    first, second = quick_start()
+    assert first.endswith(TRAIN), first
+    assert ci_commands() == [first[:-len(TRAIN)], second]
+
+
+def test_the_quick_start_uses_a_virtual_environment_the_scripts_name():
+    first, second = quick_start()
+    assert first.startswith(deps.INSTALL + " && ")
+    assert second.startswith(". .venv/bin/activate && ")
+    readme = (REPO / "README.md").read_text()
+    assert f"`{deps.INSTALL_WINDOWS}; python train.py --preset demo`" in readme
+
+
+def test_the_virtual_environment_is_ignored_by_git_and_the_tests():
+    if shutil.which("git") and (REPO / ".git").exists():
+        ignored = subprocess.run(["git", "check-ignore", "-q", ".venv/bin/python"], cwd=REPO)
+        assert ignored.returncode == 0
+    else:
+        assert ".venv/" in (REPO / ".gitignore").read_text().split()
+    assert "testpaths = tests" in (REPO / "pytest.ini").read_text()
+
+
+def test_required_packages_reads_requirement_lines(tmp_path):
+    req = tmp_path / "requirements.txt"
+    req.write_text("# core\ntorch==2.14.1\nscikit-learn>=1.0  # t-SNE\n\nPillow\npytest\n"
+                   "some-pkg[extra]~=1.0; python_version > '3'\nnumpy <3\n")
+    assert deps.required_packages(req) == {"torch": "torch", "scikit-learn": "sklearn", "Pillow": "PIL",
+                                           "some-pkg": "some_pkg", "numpy": "numpy"}
+
+
+def test_every_requirement_is_found_here_and_a_missing_one_is_named(tmp_path):
+    assert deps.missing_packages() == []  # the import names of requirements.txt are right
+    req = tmp_path / "requirements.txt"
+    req.write_text("numpy\nno-such-package-xyz==1.0\n")
+    assert deps.missing_packages(req) == ["no-such-package-xyz"]
+
+
+def test_the_message_names_the_install_command_or_the_existing_environment(tmp_path):
+    assert deps.install_hint("linux", tmp_path).endswith(deps.INSTALL)
+    assert deps.install_hint("win32", tmp_path).endswith(deps.INSTALL_WINDOWS)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").touch()
+    assert ". .venv/bin/activate" in deps.install_hint("linux", tmp_path)
+    assert deps.problem("train.py", missing=[]) is None
+    assert "torch, tqdm" in deps.problem("train.py", missing=["torch", "tqdm"])
+    old = deps.problem("train.py", version=(3, 9, 18), missing=[])
+    assert "needs Python 3.10 or newer" in old and "3.9.18" in old
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_python_without_the_packages_gets_one_line(script):
+    """-S leaves site-packages out: the stdlib alone, as a system Python with nothing installed."""
+    result = subprocess.run([sys.executable, "-E", "-S", script, "--help"], cwd=REPO, capture_output=True,
+                            text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {script} needs torch, ")
+    assert lines[0].endswith(deps.install_hint())
