@@ -149,9 +149,10 @@ def random_flips(x, hflip, vflip):
 
 
 def random_rotation_and_jitter(x, degrees, jitter):
-    """Seed 004's augmentations of real images, on a (N, C, H, W) batch in [-1, 1]: a rotation by an
-    angle within +-degrees (black outside the slice), then brightness and contrast factors drawn from
-    [1 - jitter, 1 + jitter] (as torchvision's ColorJitter). Zero settings return the batch itself."""
+    """Rotation and jitter of real images (--rotate, --jitter), which the generator learns to reproduce,
+    on a (N, C, H, W) batch in [-1, 1]: a rotation by an angle within +-degrees (black outside the
+    slice), then brightness and contrast factors drawn from [1 - jitter, 1 + jitter] (as
+    torchvision's ColorJitter). Zero settings return the batch itself."""
     n, device = x.shape[0], x.device
     if degrees > 0:
         theta = (torch.rand(n, device=device) * 2 - 1) * math.radians(degrees)

@@ -9,7 +9,9 @@ warm-up, exactly as train.py runs them, and generation with the EMA generator at
 also times one large 3x3 convolution, the machine's practical compute peak, and reports the
 training step's FLOP/s (counted with torch.utils.flop_counter) as a fraction of it. Takes the
 same preset and setting flags as train.py, plus --iters, --warmup and --json."""
-import deps  # noqa: F401, I001  (first: stops with one line when this Python lacks a package)
+import deps  # noqa: F401  (first: stops with one line when this Python lacks a package)
+
+# isort: split
 import json
 import math
 import signal
@@ -25,21 +27,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import constants
+from dataset import cache_on_device
 from demo_data import ensure_demo_dataset
+from distributed import describe_device, peak_memory_mb, resolve_device, seed_everything, setup_device
 from ops import WINOGRAD, use_winograd
-from training import autocast, build_run, cache_on_device, reg_intervals, setup_device, train_step
-from utils import (
-    UserError,
-    describe_device,
-    parse_settings,
-    peak_memory_mb,
-    read_jsonl,
-    resolve_device,
-    resolve_settings,
-    save_json,
-    seed_everything,
-    writable_folder,
-)
+from settings import UserError, command, parse_settings, resolve_settings, writable_folder
+from training import autocast, build_run, reg_intervals, train_step
+from utils import read_jsonl, save_json
 
 B = constants.BENCH
 ITERS, WARMUP, GENERATION_BATCH, PEAK_CONV = B["iters"], B["warmup"], B["generation_batch"], B["peak_conv"]
@@ -284,21 +278,18 @@ def node_report(s):
     return "\n".join(lines)
 
 
+@command
 def main(argv=None):
-    try:
-        given, opts = parse_settings(argv, "", __doc__, EXTRA_FLAGS)
-        if getattr(opts, "check_node", False) or getattr(opts, "check_tiny", False):
-            summary = check_node(given, getattr(opts, "check_tiny", False))
-            print(json.dumps(summary) if getattr(opts, "json", False) else node_report(summary))
-            return 0
-        iters, warmup = getattr(opts, "iters", ITERS), getattr(opts, "warmup", WARMUP)
-        if iters < 1 or warmup < 0:
-            raise UserError(f"--iters must be >= 1 and --warmup >= 0, got {iters} and {warmup}")
-        cfg = resolve_settings(given, "", getattr(opts, "preset", None))
-        results = bench(cfg, iters, warmup)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    given, opts = parse_settings(argv, "", __doc__, EXTRA_FLAGS)
+    if getattr(opts, "check_node", False) or getattr(opts, "check_tiny", False):
+        summary = check_node(given, getattr(opts, "check_tiny", False))
+        print(json.dumps(summary) if getattr(opts, "json", False) else node_report(summary))
+        return 0
+    iters, warmup = getattr(opts, "iters", ITERS), getattr(opts, "warmup", WARMUP)
+    if iters < 1 or warmup < 0:
+        raise UserError(f"--iters must be >= 1 and --warmup >= 0, got {iters} and {warmup}")
+    cfg = resolve_settings(given, "", getattr(opts, "preset", None))
+    results = bench(cfg, iters, warmup)
     print(json.dumps(results) if getattr(opts, "json", False) else report(results))
     return 0
 

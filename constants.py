@@ -13,9 +13,9 @@ RESOLUTION = 256  # training resolution, a power of two from 32 to 1024
 IMAGE_MODE = "L"  # L (grayscale, 1 channel) or RGB (3 channels); the model's channels follow
 RESIZE_MODE = "pad"  # pad: pad to square then resize (keeps the anatomy); resize: stretch to square
 HFLIP = True  # random horizontal (left-right) flips of real images
-VFLIP = False  # random vertical flips of real images (seed 000 used them)
-ROTATE = 0.0  # random rotation of real images by up to +-ROTATE degrees (seed 004; e.g. 10)
-JITTER = 0.0  # brightness and contrast jitter of real images: factors in [1 - JITTER, 1 + JITTER] (seed 004)
+VFLIP = False  # random vertical flips of real images
+ROTATE = 0.0  # random rotation of real images by up to +-ROTATE degrees (e.g. 10)
+JITTER = 0.0  # brightness and contrast jitter of real images: factors in [1 - JITTER, 1 + JITTER]
 SLICE_RANGE = (0.0, 1.0)  # NIfTI volumes: axial slices from LO to HI (fractions of the height) that contain brain
 SKIP_BAD_IMAGES = False  # skip and count unreadable images instead of stopping
 LOAD_THREADS = 2  # threads that decode images into the in-memory cache at start
@@ -31,9 +31,9 @@ CONDITIONAL = False  # condition G (class embedding) and D (projection) on the c
 MBSTD_GROUP = 4  # minibatch standard-deviation group size in D
 STYLE_MIXING_PROB = 0.9  # probability of mixing two latents in a training batch
 W_AVG_BETA = 0.995  # decay of the tracked mean w used by truncation
-SPECTRAL_NORM = False  # spectral normalisation of every D layer (seed 003)
-STYLE_OP = "modconv"  # how w styles each synthesis layer: modconv (StyleGAN2) | adain (StyleGAN's AdaIN, seed 003)
-ATTENTION_RES = 0  # resolution of a self-attention block in G and D (seed 003), a power of two from 8 (0: none)
+SPECTRAL_NORM = False  # spectral normalisation of every D layer
+STYLE_OP = "modconv"  # how w styles each synthesis layer: modconv (StyleGAN2) | adain (StyleGAN's AdaIN)
+ATTENTION_RES = 0  # resolution of a self-attention block in G and D, a power of two from 8 (0: none)
 RESAMPLE = "bilinear"  # 2x resampling: bilinear (D convolves after down-sampling) | upfirdn (StyleGAN2's own)
 CONV_CLAMP = 0.0  # limit every layer's activated output to +-CONV_CLAMP (0: none; StyleGAN2-ADA's networks use 256)
 
@@ -48,7 +48,7 @@ TICK_KIMG = 4.0  # every this many kimg: one line of training statistics in OUT_
 G_LR = 0.002  # generator Adam learning rate
 D_LR = 0.002  # discriminator Adam learning rate
 ADAM_BETAS = (0.0, 0.99)  # Adam beta1,beta2
-LR_SCHEDULE = "constant"  # constant | cyclic (triangular, seed 000) | step (decay every LR_STEP_EPOCHS, seed 002)
+LR_SCHEDULE = "constant"  # constant | cyclic (triangular) | step (decay every LR_STEP_EPOCHS)
 LR_CYCLE_STEPS = 2000  # cyclic: iterations from the low to the high learning rate
 LR_CYCLE_MIN = 0.1  # cyclic: lowest learning rate as a fraction of G_LR / D_LR
 LR_STEP_EPOCHS = 100  # step: epochs between learning-rate decays
@@ -57,7 +57,7 @@ LOSS = "wgan-gp"  # wgan-gp (critic with gradient penalty and drift) | logistic 
 GP_LAMBDA = 10.0  # WGAN-GP gradient-penalty weight
 DRIFT = 0.001  # WGAN-GP drift penalty on real scores
 R1_GAMMA = 10.0  # logistic: R1 penalty weight
-WGAN_R1_GAMMA = 0.0  # wgan-gp: weight of an R1 penalty on real images added to the gradient penalty (seed 002: 0.002)
+WGAN_R1_GAMMA = 0.0  # wgan-gp: weight of an R1 penalty on real images added to the gradient penalty (e.g. 0.002)
 D_REG_INTERVAL = 4  # iterations between D penalties (GP or R1), applied with gain equal to the interval
 PL_WEIGHT = 2.0  # path-length penalty weight (0: off)
 PL_INTERVAL = 16  # iterations between path-length penalties, applied with gain equal to the interval
@@ -87,7 +87,7 @@ AUGMENT_P = 0.0  # probability of each augmentation of the images D sees: fixed'
 ADA_TARGET = 0.6  # ada: target of r_t = E[sign(D(real))]; p rises while r_t is above it
 ADA_INTERVAL = 4  # ada: iterations between adjustments of p
 ADA_KIMG = 100.0  # ada: thousands of images for p to move from 0 to 1 at most (StyleGAN2-ADA: 500, for longer runs)
-PROGRESSIVE = False  # progressive training (seed 003): start at 4x4 and fade in each higher resolution
+PROGRESSIVE = False  # progressive training: start at 4x4 and fade in each higher resolution
 PROGRESSIVE_KIMG = 100.0  # progressive: thousands of images per resolution (half fading it in, half at full weight)
 
 # --- speed and several processes (torchrun --nproc_per_node=N train.py ...) ------------
@@ -216,12 +216,12 @@ PRESETS = {
                  MAPPING_LAYERS=2, BATCH_SIZE=8, EPOCHS=11, SAMPLE_EVERY=1, CHECKPOINT_EVERY=1,
                  LOSS="logistic", R1_GAMMA=4.0, G_LR=0.01, D_LR=0.01, PL_WEIGHT=0.0,
                  STYLE_MIXING_PROB=0.0, MODE_SEEKING=0.05, EVAL_EVERY=6),
-    # Seed 000's setup: ADNI at 256x256, z = w = 256, 8 mapping layers, WGAN-GP every step,
+    # The ADNI course setup at 256x256: z = w = 256, 8 mapping layers, WGAN-GP every step,
     # path length every 16 batches, cyclic learning rate, resize + vertical flips.
     "adni256": dict(RESOLUTION=256, RESIZE_MODE="resize", VFLIP=True, HFLIP=False, Z_DIM=256, W_DIM=256,
                     MAPPING_LAYERS=8, BATCH_SIZE=32, LOSS="wgan-gp", D_REG_INTERVAL=1,
                     LR_SCHEDULE="cyclic", G_LR=0.001, D_LR=0.001),
-    # Seed 002's cheap setup: 64x64, z = w = 512, batch 64, phased learning rate 1e-4 -> 1e-5.
+    # A cheap ADNI setup: 64x64, z = w = 512, batch 64, phased learning rate 1e-4 -> 1e-5.
     "adni64": dict(RESOLUTION=64, Z_DIM=512, W_DIM=512, BATCH_SIZE=64, G_LR=1e-4, D_LR=1e-4,
                    LR_SCHEDULE="step", LR_STEP_EPOCHS=100, LR_STEP_FACTOR=0.1, EPOCHS=150, WGAN_R1_GAMMA=0.002),
     # StyleGAN2-ADA's 'auto' configuration at 256x256, whose published speed is the GPU reference:

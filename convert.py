@@ -10,12 +10,15 @@ ordinary checkpoint (generate_images.py, evaluate.py and train.py --init-from ta
 networks become 1-channel ones (--channels gray, the default; the data of this toolkit are gray).
 A network this toolkit has no architecture for is refused with one line naming the first tensor
 that does not map."""
-import deps  # noqa: F401, I001  (first: stops with one line when this Python lacks a package)
+import deps  # noqa: F401  (first: stops with one line when this Python lacks a package)
+
+# isort: split
 import sys
 from pathlib import Path
 
+from checkpoints import save_checkpoint
 from pretrained import describe, load_pretrained
-from utils import UserError, parse_settings, resolve_settings, save_checkpoint, writable_file
+from settings import UserError, command, parse_settings, resolve_settings, writable_file
 
 EXTRA_FLAGS = [
     (("input",), dict(metavar="IN", help="NVlabs .pkl, rosinality .pt, or a checkpoint of this toolkit")),
@@ -24,19 +27,16 @@ EXTRA_FLAGS = [
 ]
 
 
+@command
 def main(argv=None):
-    try:
-        given, opts = parse_settings(argv, "CONVERT_", __doc__, EXTRA_FLAGS)
-        cfg = resolve_settings(given, "CONVERT_")
-        out = Path(opts.output)
-        if out.exists() and not getattr(opts, "overwrite", False):
-            raise UserError(f"{out} exists: choose another OUT, or pass --overwrite to replace it")
-        writable_file(out, "OUT")
-        ckpt, fmt = load_pretrained(opts.input, cfg.channels)
-        save_checkpoint(ckpt, out)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    given, opts = parse_settings(argv, "CONVERT_", __doc__, EXTRA_FLAGS)
+    cfg = resolve_settings(given, "CONVERT_")
+    out = Path(opts.output)
+    if out.exists() and not getattr(opts, "overwrite", False):
+        raise UserError(f"{out} exists: choose another OUT, or pass --overwrite to replace it")
+    writable_file(out, "OUT")
+    ckpt, fmt = load_pretrained(opts.input, cfg.channels)
+    save_checkpoint(ckpt, out)
     print(f"{opts.input} ({fmt}) -> {out}: {describe(ckpt)}")
     return 0
 

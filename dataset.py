@@ -3,7 +3,8 @@ sub-folders, or a flat folder of images (OASIS PNG slices, trained unconditional
 also hold NIfTI volumes (.nii / .nii.gz), each read as its axial slices.
 
 Every image is decoded once at start (which also finds corrupt files before training), made
-grayscale, padded to square (or stretched) and resized, and kept as a uint8 tensor in memory.
+grayscale, padded to square (or stretched) and resized, and kept as a uint8 tensor in memory (on
+a CUDA device, in GPU memory when it fits).
 Random flips and the conversion to [-1, 1] happen on the training device, per batch.
 The built-in demo data set is built by demo_data.py on first use."""
 import sys
@@ -17,7 +18,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from demo_data import ensure_demo_dataset
-from utils import UserError, check_slice_range, flag_of
+from settings import UserError, check_slice_range, flag_of
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 SPLIT_NAMES = ("train", "test")  # a folder holding either is in the ADNI layout: its splits must be named
@@ -287,3 +288,16 @@ class EpochSampler:
 def to_model_range(x):
     """uint8 [0, 255] -> float [-1, 1]."""
     return x.float().mul_(2 / 255).sub_(1)
+
+
+def cache_on_device(data, cfg, device):
+    """CUDA: move the uint8 image cache into GPU memory (CACHE_ON_DEVICE, if under a quarter of it),
+    else pin it, so batches never wait for the host."""
+    if device.type != "cuda":
+        return
+    size = data.images.numel() * data.images.element_size()
+    if cfg.cache_on_device and size < torch.cuda.get_device_properties(device).total_memory / 4:
+        data.images, data.labels = data.images.to(device), data.labels.to(device)
+        print(f"image cache: {size / 2**20:.0f} MB in GPU memory")
+    else:
+        data.images = data.images.pin_memory()

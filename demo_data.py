@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import constants
-from utils import UserError
+from settings import UserError
 
 DEMO = constants.DEMO
 

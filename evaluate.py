@@ -14,26 +14,19 @@ figures as JSON (--out) and as a Markdown table beside it. Metrics:
   knn_ratio      median k-NN radius of generated over real images: below 1 they crowd together (low recall)
   cas            (--cas) a ResNet-18 AD-vs-NC classifier trained on real, generated, and real + generated
                  slices, tested on the real test split: accuracy and AUC of each"""
-import deps  # noqa: F401, I001  (first: stops with one line when this Python lacks a package)
+import deps  # noqa: F401  (first: stops with one line when this Python lacks a package)
+
+# isort: split
 import sys
 from pathlib import Path
 
+from checkpoints import CHECKPOINT_KEYS, load_checkpoint, load_discriminator, load_generator
 from dataset import load_slices, to_model_range
+from distributed import resolve_device
 from metrics import Evaluator, classification_scores, heldout_slices, load_inception, sample_images
 from ops import use_fast_kernels
-from utils import (
-    CHECKPOINT_KEYS,
-    UserError,
-    checkpoint_settings,
-    load_checkpoint,
-    load_discriminator,
-    load_generator,
-    parse_settings,
-    resolve_device,
-    resolve_settings,
-    save_json,
-    writable_file,
-)
+from settings import UserError, checkpoint_settings, command, parse_settings, resolve_settings, writable_file
+from utils import save_json
 
 # ---------------------------------------------------------------------------------------
 # Report
@@ -91,14 +84,14 @@ def markdown_table(results):
 # ---------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------
-def cas_data(cfg, run, G, train, device):
+def cas_data(cfg, train_cfg, G, train, device):
     """(train, test, generated) image/label pairs for the classification accuracy score."""
     if not G.num_classes:
         raise UserError("--cas needs a conditional checkpoint (train one with python train.py --conditional)")
-    test_dir = Path(run.data_root) / "test"
+    test_dir = Path(train_cfg.data_root) / "test"
     if not test_dir.is_dir():
         raise UserError(f"--cas tests on real held-out slices: {test_dir} not found (DATA_ROOT/test/<class>/)")
-    test = load_slices(run, splits=["test"])
+    test = load_slices(train_cfg, splits=["test"])
     if test.class_names != train.class_names:
         raise UserError(f"{test_dir} classes {test.class_names} differ from the training classes {train.class_names}")
     fake = sample_images(G, train.labels, len(train), cfg.seed + 2, device, cfg.truncation, cfg.batch)
@@ -111,15 +104,16 @@ def evaluate(cfg):
     device = resolve_device(cfg.device)
     use_fast_kernels(device)
     state, path = load_checkpoint(cfg.checkpoint, CHECKPOINT_KEYS + ("D",))
-    run = checkpoint_settings(state, cfg.data_root, cfg.skip_bad_images)
+    train_cfg = checkpoint_settings(state, cfg.data_root, cfg.skip_bad_images)
     G, D = load_generator(state, device), load_discriminator(state, device)
-    data = load_slices(run)
-    cas = cas_data(cfg, run, G, data, device) if cfg.cas else None
+    data = load_slices(train_cfg)
+    cas = cas_data(cfg, train_cfg, G, data, device) if cfg.cas else None
     inception = load_inception(cfg.inception_weights, device)
-    evaluator = Evaluator(data.images, data.labels, cfg.n, cfg.seed, inception, cfg.batch, heldout_slices(run, data))
+    heldout = heldout_slices(train_cfg, data)
+    evaluator = Evaluator(data.images, data.labels, cfg.n, cfg.seed, inception, cfg.batch, heldout)
     metrics = evaluator(G, device, cfg.truncation, D)
     evaluator.save_memorisation_figure(Path(cfg.out).with_name(MEMORISATION_FIGURE))
-    results = dict(checkpoint=str(path), step=state["step"], nimg=state["nimg"], data_root=run.data_root,
+    results = dict(checkpoint=str(path), step=state["step"], nimg=state["nimg"], data_root=train_cfg.data_root,
                    n=evaluator.n, seed=cfg.seed, truncation=cfg.truncation, features=evaluator.feature_space,
                    metric_names=list(metrics), **metrics)
     if cas is not None:
@@ -127,16 +121,13 @@ def evaluate(cfg):
     return results
 
 
+@command
 def main(argv=None):
-    try:
-        given, _ = parse_settings(argv, "EVALUATE_", __doc__)
-        cfg = resolve_settings(given, "EVALUATE_")
-        writable_file(cfg.out, "--out")
-        writable_file(Path(cfg.out).with_suffix(".md"), "--out")
-        results = evaluate(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    given, _ = parse_settings(argv, "EVALUATE_", __doc__)
+    cfg = resolve_settings(given, "EVALUATE_")
+    writable_file(cfg.out, "--out")
+    writable_file(Path(cfg.out).with_suffix(".md"), "--out")
+    results = evaluate(cfg)
     table = markdown_table(results)
     out = Path(cfg.out)
     save_json(results, out)

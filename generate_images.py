@@ -20,7 +20,9 @@ Modes (--mode):
   project      the w (or W+) and noise maps whose image best matches --target; PSNR and SSIM of the result
   losses       the checkpoint's training loss plot (and evaluation metrics plot)
 The checkpoint carries its own settings, so no architecture flag is needed. The same seed gives the same image."""
-import deps  # noqa: F401, I001  (first: stops with one line when this Python lacks a package)
+import deps  # noqa: F401  (first: stops with one line when this Python lacks a package)
+
+# isort: split
 import re
 import sys
 from pathlib import Path
@@ -29,37 +31,34 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from checkpoints import CHECKPOINT_KEYS, load_checkpoint, load_discriminator, load_generator
 from constants import RANGES
 from dataset import load_image, load_slices, to_model_range
+from distributed import resolve_device
 from ops import use_fast_kernels
 from projector import project, reconstruction_scores
-from utils import (
-    CHECKPOINT_KEYS,
+from sampling import images_from_latents, mapped, seed_latents, synthesize
+from settings import (
     INT64_MAX,
     UserError,
     checkpoint_settings,
-    images_from_latents,
-    load_checkpoint,
-    load_discriminator,
-    load_generator,
-    mapped,
+    command,
     parse_settings,
+    resolve_settings,
+    writable_folder,
+)
+from utils import (
     plot_losses,
     plot_metrics,
     pyplot,
     read_jsonl,
-    resolve_device,
-    resolve_settings,
     save_figure,
     save_gif,
     save_grid,
     save_image,
     save_json,
     save_labelled_grid,
-    seed_latents,
     stats_history,
-    synthesize,
-    writable_folder,
 )
 
 NEED_D = ("project", "tsne")  # modes that use the checkpoint's discriminator (tsne: with --data-root)
@@ -314,13 +313,13 @@ def run_interpolate(cfg, state, G, device, out):
 # ---------------------------------------------------------------------------------------
 # Projection of real slices into W (projector.py)
 # ---------------------------------------------------------------------------------------
-def load_target(path, run):
+def load_target(path, train_cfg):
     """The real slice to project, prepared as training prepared its data -> (1, C, R, R) in [-1, 1]."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--target: image not found: {path}")
     try:
-        array = load_image(path, run.resolution, run.image_mode, run.resize_mode)
+        array = load_image(path, train_cfg.resolution, train_cfg.image_mode, train_cfg.resize_mode)
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
         raise UserError(f"cannot read image {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return to_model_range(torch.from_numpy(array.copy()))[None]
@@ -450,31 +449,25 @@ MODES = dict(samples=run_samples, mixing=run_mixing, interpolate=run_interpolate
              truncation=run_truncation, project=run_project, losses=run_losses)
 
 
+@command
 def main(argv=None):
-    try:
-        given, _ = parse_settings(argv, "GEN_", __doc__)
-        cfg = resolve_settings(given, "GEN_")
-        device = resolve_device(cfg.device)
-        use_fast_kernels(device)
-        out = writable_folder(cfg.out_dir, "--out-dir")
-        if cfg.mode == "losses" and str(cfg.checkpoint).endswith(".jsonl"):
-            print(losses_from_logs(Path(cfg.checkpoint), out))
-            return 0
-        state, path = load_checkpoint(cfg.checkpoint, CHECKPOINT_KEYS + (("D",) if cfg.mode in NEED_D else ()))
-        G = load_generator(state, device)
-        if cfg.label and cfg.mode not in ("samples", "mixing", "interpolate", "truncation", "project"):
-            raise UserError(f"--label is not used by --mode {cfg.mode}")
-        if cfg.z_file and (cfg.mode != "samples" or cfg.seeds):
-            raise UserError("--z-file takes the place of --seeds in --mode samples")
-        if cfg.label:
-            class_index(state, cfg.label)
-        summary = MODES[cfg.mode](cfg, state, G, device, out)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # writing an image: disk full, no permission
-        print(f"error: cannot write {e.filename or 'an output file'}: {e.strerror or e}", file=sys.stderr)
-        return 1
+    given, _ = parse_settings(argv, "GEN_", __doc__)
+    cfg = resolve_settings(given, "GEN_")
+    device = resolve_device(cfg.device)
+    use_fast_kernels(device)
+    out = writable_folder(cfg.out_dir, "--out-dir")
+    if cfg.mode == "losses" and str(cfg.checkpoint).endswith(".jsonl"):
+        print(losses_from_logs(Path(cfg.checkpoint), out))
+        return 0
+    state, path = load_checkpoint(cfg.checkpoint, CHECKPOINT_KEYS + (("D",) if cfg.mode in NEED_D else ()))
+    G = load_generator(state, device)
+    if cfg.label and cfg.mode not in ("samples", "mixing", "interpolate", "truncation", "project"):
+        raise UserError(f"--label is not used by --mode {cfg.mode}")
+    if cfg.z_file and (cfg.mode != "samples" or cfg.seeds):
+        raise UserError("--z-file takes the place of --seeds in --mode samples")
+    if cfg.label:
+        class_index(state, cfg.label)
+    summary = MODES[cfg.mode](cfg, state, G, device, out)
     print(f"{summary}; from {path} (step {state['step']}) -> {cfg.out_dir}")
     return 0
 

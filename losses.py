@@ -104,8 +104,8 @@ class Objective:
         return (real_pred - zero).sign().mean().detach()
 
     def d_penalty(self, critic, real, fake):
-        """D's penalty (before the lazy-regularisation gain) and what to log: the gradient penalty
-        (WGAN-GP) or R1 as `gp`; R1 beside the gradient penalty as `r1`."""
+        """D's penalty (before the lazy-regularisation gain) and what to log: the gradient penalty as
+        `gp`, R1 as `r1`."""
         total, logged = 0.0, {}
         if self.gp_lambda > 0:
             gp = gradient_penalty(critic, real, fake)
@@ -114,5 +114,5 @@ class Objective:
             real = real.detach().requires_grad_(True)
             r1 = r1_penalty(critic(real), real)
             total = total + r1 * (self.r1_gamma / 2)
-            logged["r1" if logged else "gp"] = r1
+            logged["r1"] = r1
         return total, {k: v.detach() for k, v in logged.items()}

@@ -17,7 +17,9 @@ from tqdm import tqdm
 
 from dataset import load_slices, to_model_range
 from ops import thumbnails
-from utils import UserError, images_from_latents, quantize_uint8, save_grid
+from sampling import images_from_latents
+from settings import UserError
+from utils import quantize_uint8, save_grid
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE}"
@@ -495,12 +497,12 @@ def d_scores(D, images, labels, device, batch=64):
     return torch.cat(scores).mean().item()
 
 
-def heldout_slices(run, train):
+def heldout_slices(train_cfg, train):
     """Real slices no training step used (DATA_ROOT/test, when present and not a training split)
     with the training classes, or None."""
-    if "test" in run.data_splits.split(",") or not (Path(run.data_root) / "test").is_dir():
+    if "test" in train_cfg.data_splits.split(",") or not (Path(train_cfg.data_root) / "test").is_dir():
         return None
-    test = load_slices(run, splits=["test"])
+    test = load_slices(train_cfg, splits=["test"])
     return test if test.class_names == train.class_names and len(test) else None
 
 

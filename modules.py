@@ -127,7 +127,7 @@ class Blur(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """SAGAN self-attention (seed 003): every position attends to every other one, and the result is
+    """SAGAN self-attention (Zhang et al. 2019): every position attends to every other one, and the result is
     added through a learned gain that starts at zero, so a new block begins as the identity."""
 
     def __init__(self, channels):
@@ -397,6 +397,17 @@ class Generator(nn.Module):
         return self.synthesis(ws, noise_mode)  # (N, C, R, R)
 
 
+def growth_level(nimg, kimg, resolution):
+    """Progressive training's level after `nimg` images (None once every resolution is in): each
+    resolution above 4x4 takes `kimg` thousand images, the first half at the level below, the
+    second half fading in (level k-1 -> k); level k shows resolutions up to 4 * 2^k."""
+    top = int(math.log2(resolution)) - 2
+    t = nimg / (kimg * 1000)
+    stage = math.floor(t)
+    level = stage + min(max(2 * (t - stage) - 1, 0.0), 1.0)
+    return None if level >= top else level
+
+
 def at_growth_level(img, level):  # (N, C, R, R) -> (N, C, R, R)
     """Real images as a growing generator at `level` draws them: down-sampled to 4 * 2^floor(level),
     blended toward the next resolution by the fraction of level, and up-sampled back to R."""
@@ -452,7 +463,7 @@ class DiscriminatorBlock(nn.Module):
 
 
 def apply_spectral_norm(module):
-    """Spectral normalisation (seed 003) of every convolution and fully connected layer in `module`:
+    """Spectral normalisation (Miyato et al. 2018) of every convolution and fully connected layer in `module`:
     each weight is divided by its largest singular value (one power iteration per forward pass).
     The equalised learning rate's constant is dropped there: it would shrink every layer again."""
     for layer in module.modules():

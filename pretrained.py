@@ -10,29 +10,18 @@ import io
 import math
 import pickle
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import constants
+from checkpoints import check_checkpoint, file_format, load_checkpoint, make_checkpoint, read_checkpoint
 from modules import Discriminator, Generator
-from utils import (
-    UserError,
-    check_checkpoint,
-    config_dict,
-    load_checkpoint,
-    model_args_of,
-    read_checkpoint,
-    resolve_settings,
-)
+from settings import ARCHITECTURE, UserError, checkpoint_settings, flag_of, model_args_of, resolve_settings
 
 LUMA = (0.299, 0.587, 0.114)  # RGB -> gray weights of ITU-R BT.601, as PIL's convert("L") that loads the data
 W_AVG_SAMPLES = 10_000  # rosinality checkpoints keep no mean w: it is estimated from this many seeded z
-ARCH_SETTINGS = ("RESOLUTION", "IMAGE_MODE", "Z_DIM", "W_DIM", "MAPPING_LAYERS", "MAPPING_LR_MULT", "CHANNEL_BASE",
-                 "CHANNEL_MAX", "CONDITIONAL", "MBSTD_GROUP", "SPECTRAL_NORM", "ATTENTION_RES", "STYLE_OP",
-                 "W_AVG_BETA", "RESAMPLE", "CONV_CLAMP")
 
 
 # ---------------------------------------------------------------------------------------
@@ -490,13 +479,7 @@ def detect_format(path):
         return "folder"
     if not path.is_file():
         raise UserError(f"network file not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head[:2] == b"PK" and zipfile.is_zipfile(path):
-        return "torch"
-    if head[:1] == b"\x80":
-        return "pickle"
-    raise UserError(f"{path} is neither a network pickle nor a PyTorch checkpoint")
+    return file_format(path, "is neither a network pickle nor a PyTorch checkpoint").replace("zip", "torch")
 
 
 def read_source(path):
@@ -540,10 +523,9 @@ def build_checkpoint(arch, states, fmt, path):
         net.load_state_dict(mapped)  # strict: every tensor of the network is in place
         weights[name] = net.state_dict()
     weights.setdefault("G", weights["G_ema"])
-    return dict(version=1, config=config_dict(cfg), model_args=model_args,
-                class_names=[str(k) for k in range(num_classes)], **weights, step=0, epoch=0, nimg=0,
-                history={k: torch.zeros(0) for k in ("loss_gen", "loss_critic")}, metrics=[],
-                source=dict(format=fmt, path=str(path)))
+    history = {k: torch.zeros(0) for k in ("loss_gen", "loss_critic")}
+    return make_checkpoint(cfg, model_args, [str(k) for k in range(num_classes)], weights, history,
+                           source=dict(format=fmt, path=str(path)))
 
 
 def gray_checkpoint(ckpt):
@@ -578,3 +560,23 @@ def describe(ckpt):
     return (f"{g['resolution']}x{g['resolution']}, {g['img_channels']} channel(s), z {g['z_dim']}, w {g['w_dim']}, "
             f"{g['mapping_layers']} mapping layers, channels {g['channel_base']}/{g['channel_max']}, "
             f"{g.get('num_classes', 0) or 'no'} classes, resample {g.get('resample', 'bilinear')}; {nets}")
+
+
+def init_networks(cfg, given):
+    """--init-from: the source network as a checkpoint of this toolkit (1-channel for gray data), its
+    architecture settings set in `cfg`; a flag given that contradicts them is refused."""
+    source, fmt = load_pretrained(cfg.init_from, "gray" if cfg.image_mode == "L" else "keep")
+    channels = source["model_args"]["G"]["img_channels"]
+    if channels != (1 if cfg.image_mode == "L" else 3):
+        raise UserError(f"--image-mode {cfg.image_mode} needs a {'3' if cfg.image_mode == 'RGB' else '1'}-channel "
+                        f"network, but --init-from {cfg.init_from} has {channels} channel(s)")
+    arch = checkpoint_settings(source)
+    for name in ARCHITECTURE:
+        theirs = getattr(arch, name.lower())
+        if name != "IMAGE_MODE" and name in given and given[name] != theirs:
+            raise UserError(f"{flag_of(name)} is {given[name]!r} but --init-from {cfg.init_from} has {theirs!r}; "
+                            "drop it (the architecture comes from the network)")
+        if name != "IMAGE_MODE":
+            setattr(cfg, name.lower(), theirs)
+    print(f"initialising from {cfg.init_from} ({fmt}): {describe(source)}")
+    return source

@@ -1,11 +1,10 @@
 """One StyleGAN2 training run's state and iteration: the networks, their EMA copy and optimisers
 (with lazy regularisation's Adam settings), one iteration (D main, D penalty, G main, path length,
-EMA, the augmentation probability), the checkpoint state that resumes it exactly, and the device
-set-up. train.py drives it; bench.py times it."""
+EMA, the augmentation probability), the learning-rate schedule, and the checkpoint state that
+resumes it exactly. train.py drives it; bench.py times it."""
 import contextlib
 import copy
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 
@@ -13,27 +12,15 @@ import torch
 import torch.nn as nn
 
 from augment import AugmentPipe, AugmentProbability, random_flips, random_rotation_and_jitter
+from checkpoints import make_checkpoint
 from dataset import to_model_range
+from distributed import all_reduce_mean
 from losses import Objective, mode_seeking_penalty, path_length_penalty
-from modules import Discriminator, DiscriminatorBlock, Generator, at_growth_level
-from ops import use_fast_kernels
-from utils import (
-    CHECKPOINT_KEYS,
-    UserError,
-    all_reduce_mean,
-    config_dict,
-    ema_beta,
-    ema_update,
-    growth_level,
-    init_distributed,
-    lr_factor,
-    model_args_of,
-    resolve_device,
-)
+from modules import Discriminator, DiscriminatorBlock, Generator, at_growth_level, growth_level
+from settings import UserError, model_args_of
 
-TRAINING_KEYS = CHECKPOINT_KEYS + ("G", "D", "opt_G", "opt_D", "epoch", "epoch_nimg", "pl_mean", "rng")  # to resume
-HISTORY_KEYS = ("loss_gen", "loss_critic", "gp", "plp", "mode_seeking", "real_score", "fake_score", "real_sign",
-                "aug_p")
+HISTORY_KEYS = ("loss_gen", "loss_critic", "gp", "r1", "pl_penalty", "mode_seeking", "real_score", "fake_score",
+                "real_sign", "aug_p")
 
 
 class Diverged(Exception):
@@ -161,6 +148,38 @@ def set_learning_rates(run, cfg):
 
 
 # ---------------------------------------------------------------------------------------
+# The moving average of G, and the learning-rate schedule (a pure function of the position in
+# training, so that resume is exact)
+# ---------------------------------------------------------------------------------------
+def ema_beta(batch_size, ema_kimg, rampup, nimg):
+    """Per-step decay of a moving average with a half-life of `ema_kimg` thousand images,
+    ramped up to at most `rampup` x the images seen so far."""
+    ema_nimg = ema_kimg * 1000
+    if rampup > 0:
+        ema_nimg = min(ema_nimg, nimg * rampup)
+    return 0.5 ** (batch_size / max(ema_nimg, 1e-8))
+
+
+@torch.no_grad()
+def ema_update(ema_model, model, beta):
+    """ema <- beta * ema + (1 - beta) * model for parameters; buffers are copied."""
+    ema_params = list(ema_model.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - beta)
+    for b_ema, b in zip(ema_model.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def lr_factor(cfg, step, epoch):
+    """Multiplier of the base learning rate at iteration `step` of epoch `epoch` (0-based)."""
+    if cfg.lr_schedule == "cyclic":  # triangular: low -> high over LR_CYCLE_STEPS, then back
+        phase = (step / cfg.lr_cycle_steps) % 2
+        return cfg.lr_cycle_min + (1 - cfg.lr_cycle_min) * (1 - abs(phase - 1))
+    if cfg.lr_schedule == "step":
+        return cfg.lr_step_factor ** (epoch // cfg.lr_step_epochs)
+    return 1.0
+
+
+# ---------------------------------------------------------------------------------------
 # One iteration: D main, D penalty (lazy), G main, path length (lazy), EMA
 # ---------------------------------------------------------------------------------------
 def optimizer_step(opt, loss):
@@ -244,7 +263,7 @@ def g_step(run, cfg, labels, batch_size, regularize):
         ws = G.make_ws(torch.randn(n, cfg.z_dim, device=run.device), sub, mixing_prob=cfg.style_mixing_prob)
         penalty, run.pl_mean = path_length_penalty(G.synthesis(ws), ws, run.pl_mean, cfg.pl_decay)
         stats["grad_g_reg"] = optimizer_step(run.opt_G, penalty * cfg.pl_weight * run.intervals["G"])
-        stats["plp"] = penalty.detach()
+        stats["pl_penalty"] = penalty.detach()
     for group in run.opt_D.param_groups:  # --freeze-d's fixed parameters stay without gradients
         for p in group["params"]:
             p.requires_grad_(True)
@@ -274,20 +293,29 @@ def train_step(run, cfg, data, idx):
 
 
 # ---------------------------------------------------------------------------------------
-# Checkpoints and samples
+# The checkpoint of a run, and resuming from one
 # ---------------------------------------------------------------------------------------
 def checkpoint_state(run, cfg):
     """Everything needed to resume exactly, and to generate with no extra flags."""
     cuda = run.device.type == "cuda"
-    return dict(
-        version=1, config=config_dict(cfg), model_args=run.model_args, class_names=list(run.class_names),
-        G=run.G.state_dict(), D=run.D.state_dict(), G_ema=run.G_ema.state_dict(),
-        opt_G=run.opt_G.state_dict(), opt_D=run.opt_D.state_dict(),
-        step=run.step, epoch=run.epoch, epoch_nimg=run.epoch_step * cfg.batch_size, nimg=run.nimg, seconds=run.seconds,
-        maintenance_seconds=run.maintenance_seconds,
-        pl_mean=run.pl_mean.detach().cpu(), **run.aug.state_dict(),
-        history={k: torch.tensor(v, dtype=torch.float32) for k, v in run.history.items()}, metrics=run.metrics,
-        rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if cuda else []))
+    states = {name: getattr(run, name).state_dict() for name in ("G", "D", "G_ema", "opt_G", "opt_D")}
+    history = {k: torch.tensor(v, dtype=torch.float32) for k, v in run.history.items()}
+    return make_checkpoint(cfg, run.model_args, run.class_names, states, history, step=run.step, epoch=run.epoch,
+                           nimg=run.nimg, metrics=run.metrics, epoch_nimg=run.epoch_step * cfg.batch_size,
+                           seconds=run.seconds, maintenance_seconds=run.maintenance_seconds,
+                           pl_mean=run.pl_mean.detach().cpu(), **run.aug.state_dict(),
+                           rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if cuda else []))
+
+
+def history_of(state):
+    """A checkpoint's per-iteration history under today's keys: older checkpoints logged the
+    path-length penalty as `plp`, and R1 as `gp` under the logistic loss."""
+    history = dict(state["history"])
+    if "plp" in history:
+        history["pl_penalty"] = history.pop("plp")
+    if "gp" in history and "r1" not in history and state["config"].get("loss") == "logistic":
+        history["r1"] = history.pop("gp")
+    return history
 
 
 def restore(run, state, cfg, data):
@@ -301,41 +329,10 @@ def restore(run, state, cfg, data):
     run.epoch_step = state["epoch_nimg"] // cfg.batch_size
     run.pl_mean = state["pl_mean"].to(run.device)
     run.aug.load_state_dict(state)
-    steps = len(state["history"]["loss_gen"])  # a key the checkpoint lacks is NaN up to now
-    run.history = {k: state["history"][k].tolist() if k in state["history"] else [math.nan] * steps
-                   for k in HISTORY_KEYS}
+    history = history_of(state)
+    steps = len(history["loss_gen"])  # a key the checkpoint lacks is NaN up to now
+    run.history = {k: history[k].tolist() if k in history else [math.nan] * steps for k in HISTORY_KEYS}
     run.metrics = list(state.get("metrics", []))
     torch.set_rng_state(state["rng"]["torch"])
     if run.device.type == "cuda" and len(state["rng"]["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-
-
-# ---------------------------------------------------------------------------------------
-# Device
-# ---------------------------------------------------------------------------------------
-def setup_device(cfg):
-    """-> (rank, world_size, device): the device, the torchrun process group when there is one, and
-    the fast CUDA settings (TF32 matrix products and convolutions, cuDNN's autotuner)."""
-    rank, world_size, device = init_distributed(resolve_device(cfg.device))
-    if rank > 0:
-        sys.stdout = open(os.devnull, "w")  # one process speaks: rank 0
-    if cfg.batch_size % world_size:
-        raise UserError(f"--batch-size {cfg.batch_size} does not split evenly across {world_size} processes")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    use_fast_kernels(device, cfg.winograd)
-    return rank, world_size, device
-
-
-def cache_on_device(data, cfg, device):
-    """CUDA: move the uint8 image cache into GPU memory (CACHE_ON_DEVICE, if under a quarter of it),
-    else pin it, so batches never wait for the host."""
-    if device.type != "cuda":
-        return
-    size = data.images.numel() * data.images.element_size()
-    if cfg.cache_on_device and size < torch.cuda.get_device_properties(device).total_memory / 4:
-        data.images, data.labels = data.images.to(device), data.labels.to(device)
-        print(f"image cache: {size / 2**20:.0f} MB in GPU memory")
-    else:
-        data.images = data.images.pin_memory()

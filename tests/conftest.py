@@ -85,6 +85,15 @@ def write_classes(root, n=24, res=32, seed=0):
     return root
 
 
+QUICK = ("--eval-every", "0", "--device", "cpu")  # train.py flags for runs that need no evaluation
+
+
+def steps_of(models):
+    """The steps of the checkpoints in a Models/ folder, oldest first."""
+    import checkpoints
+    return [checkpoints.checkpoint_step(p) for p in checkpoints.list_checkpoints(models)]
+
+
 def smoke(data, out, *flags):
     """train.py arguments for a smoke-preset run on `data` writing to `out`."""
     return ["--preset", "smoke", "--data-root", str(data), "--out-dir", str(out), "--batch-size", "8", *flags]
@@ -113,3 +122,13 @@ def uncond_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("uncond")
     assert train.main(smoke(data, out, "--max-steps", "4")) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory):
+    """A weights file with the layout of pt_inception-2015-12-05 (random values, same keys and shapes)."""
+    import metrics
+    path = tmp_path_factory.mktemp("inception") / metrics.FID_WEIGHTS_FILE
+    torch.manual_seed(0)
+    torch.save(metrics.FIDInceptionV3().state_dict(), path)
+    return path

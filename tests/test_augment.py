@@ -6,10 +6,11 @@ import pytest
 import torch
 from conftest import assert_user_error, smoke
 
+import checkpoints
 import losses
+import settings
 import train
 import training
-import utils
 from augment import AugmentPipe, AugmentProbability, ada_update
 
 
@@ -95,8 +96,8 @@ def test_ada_training_logs_p_and_resumes_with_it(data, tmp_path):
     assert train.main(smoke(data, straight, "--max-steps", "10", *flags)) == 0
     assert train.main(smoke(data, split, "--max-steps", "6", *flags)) == 0
     assert train.main(["--resume", "--out-dir", str(split), "--max-steps", "10"]) == 0
-    a, _ = utils.load_checkpoint(straight / "Models")
-    b, _ = utils.load_checkpoint(split / "Models")
+    a, _ = checkpoints.load_checkpoint(straight / "Models")
+    b, _ = checkpoints.load_checkpoint(split / "Models")
     p = a["history"]["aug_p"]
     assert p[0] == 0 and p.max() > 0 and a["augment_p"] == pytest.approx(p[-1].item())  # it moved, and is saved
     assert a["augment_p"] == b["augment_p"] and a["ada_signs"] == b["ada_signs"]
@@ -107,7 +108,7 @@ def test_ada_training_logs_p_and_resumes_with_it(data, tmp_path):
 def test_fixed_augmentation_keeps_p(data, tmp_path):
     assert train.main(smoke(data, tmp_path, "--max-steps", "3", "--augment", "fixed", "--augment-p", "0.3",
                             "--eval-every", "0")) == 0
-    state, _ = utils.load_checkpoint(tmp_path / "Models")
+    state, _ = checkpoints.load_checkpoint(tmp_path / "Models")
     assert state["history"]["aug_p"].tolist() == pytest.approx([0.3] * 3)
     assert (tmp_path / "saved_examples" / "32x32" / "losses.png").is_file()
 
@@ -120,7 +121,7 @@ def test_bad_augmentation_settings(data, tmp_path, capsys, flag, value):
 
 def test_every_image_d_sees_is_augmented():
     """Reals and fakes in the D step (one pass), the penalty's inputs, and G's fakes (with their gradients)."""
-    cfg = utils.resolve_settings({"AUGMENT": "fixed", "AUGMENT_P": 0.5, "D_REG_INTERVAL": 1, "PL_INTERVAL": 1,
+    cfg = settings.resolve_settings({"AUGMENT": "fixed", "AUGMENT_P": 0.5, "D_REG_INTERVAL": 1, "PL_INTERVAL": 1,
                                   "BATCH_SIZE": 8, "DEVICE": "cpu"}, "", "smoke")
     data = SimpleNamespace(images=torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8),
                            labels=torch.zeros(16, dtype=torch.long), class_names=["AD", "NC"], channels=1)

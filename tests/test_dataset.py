@@ -10,7 +10,7 @@ from PIL import Image
 
 import augment
 import dataset
-from utils import UserError
+from settings import UserError
 
 
 def make_adni(root, counts=None, ext="jpeg"):
@@ -316,7 +316,7 @@ def test_to_model_range():
 
 
 # ---------------------------------------------------------------------------------------
-# Seed 004's real-image rotation and brightness/contrast jitter
+# Real-image rotation and brightness/contrast jitter
 # ---------------------------------------------------------------------------------------
 def disk_and_square(n=6, size=32):
     """A centred bright disk (unchanged by rotation) and an off-centre square (moved by it), on black."""
@@ -354,3 +354,11 @@ def test_jitter_scales_brightness_and_contrast_within_range():
     contrast = (augment.random_rotation_and_jitter(disk_and_square(200)[0], 0, 0.2) + 1) / 2
     spread = contrast.amax(dim=[1, 2, 3]) - contrast.amin(dim=[1, 2, 3])
     assert spread.min() < 0.9 and spread.max() <= 1  # contrast factors below 1 narrow the range
+
+
+def test_a_flat_folder_with_a_link_to_itself_is_flat(tmp_path):
+    write_images(tmp_path / "flat", 3)
+    (tmp_path / "flat" / "self").symlink_to(".", target_is_directory=True)
+    (tmp_path / "flat" / "up").symlink_to("..", target_is_directory=True)
+    files, labels, names = dataset.find_images(tmp_path / "flat")
+    assert len(files) == 3 and names == []

@@ -10,7 +10,8 @@ import torch
 import torch.multiprocessing as mp
 from conftest import REPO_ROOT, smoke
 
-from utils import all_reduce_mean, any_process, distributed, load_checkpoint, same_on_every_process
+from checkpoints import load_checkpoint
+from distributed import all_reduce_mean, any_process, distributed, same_on_every_process
 
 
 def torchrun(*args, nproc=2):
@@ -78,6 +79,7 @@ def test_torchrun_two_processes_train_and_write_once(two_process_run):
     assert (out / "saved_examples" / "32x32" / "step_00000008.png").exists()
 
 
+@pytest.mark.determinism
 def test_resume_from_two_processes_into_one_and_back(two_process_run, tmp_path):
     import shutil
 

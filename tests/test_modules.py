@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import modules
-import ops
 from modules import Discriminator, EqualLinear, Generator, MappingNetwork, MinibatchStdDev, ModulatedConv2d
 
 
@@ -26,150 +25,11 @@ def tiny_generator(img_channels=1, num_classes=0, z_dim=16, w_dim=16):
 # ---------------------------------------------------------------------------------------
 # Convolutions whose derivatives are convolutions
 # ---------------------------------------------------------------------------------------
-CONV_CASES = [  # cin, cout, kernel, stride, padding, groups, transpose, size: every use in the model
-    (4, 6, 3, 1, 1, 1, False, 7),  # 3x3 convolution
-    (4, 6, 1, 1, 0, 1, False, 5),  # 1x1 (to image, skip)
-    (6, 4, 3, 2, 0, 1, True, 5),  # up-sampling transposed 3x3
-    (4, 4, 4, 1, 1, 4, False, 9),  # depthwise blur
-    (4, 6, 3, 2, 1, 1, False, 8),  # strided (the transposed one's input gradient)
-]
-
-
-@pytest.mark.parametrize("cin,cout,k,stride,padding,groups,transpose,size", CONV_CASES)
-def test_conv2d_matches_torch_to_the_second_derivative(cin, cout, k, stride, padding, groups, transpose, size):
-    torch.manual_seed(0)
-    x = torch.randn(3, cin, size, size, dtype=torch.float64, requires_grad=True)
-    shape = (cin, cout // groups, k, k) if transpose else (cout, cin // groups, k, k)
-    w = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    ours = lambda x, w: ops.conv2d(x, w, stride, padding, groups, transpose)  # noqa: E731
-    theirs = (lambda x, w: torch.nn.functional.conv_transpose2d(x, w, None, stride, padding, 0, groups)) if transpose \
-        else (lambda x, w: torch.nn.functional.conv2d(x, w, None, stride, padding, 1, groups))
-    assert torch.allclose(ours(x, w), theirs(x, w))
-    # first and second derivatives (the lazy penalties' double backward) against PyTorch's own
-    g = torch.randn_like(ours(x, w))
-
-    def derivatives(f):
-        x.grad = w.grad = None
-        gx, gw = torch.autograd.grad(f(x, w), (x, w), g, create_graph=True)
-        (gx.square().sum() + gw.square().sum()).backward()
-        return gx.detach(), gw.detach(), x.grad.clone(), w.grad.clone()
-
-    for a, b in zip(derivatives(ours), derivatives(theirs)):
-        assert torch.allclose(a, b)
-    assert torch.autograd.gradgradcheck(ours, (x, w))
-
-
-def conv_derivatives(f, x, w, g):
-    """Output, first derivatives, and the derivatives of a penalty on them (the lazy penalties' double backward)."""
-    x.grad = w.grad = None
-    y = f(x, w)
-    gx, gw = torch.autograd.grad(y, (x, w), g, create_graph=True)
-    (gx.square().sum() + gw.square().sum()).backward()
-    first = torch.autograd.grad(f(x, w), (x, w), g)  # a first-order backward (no graph): the fused gradient pass
-    return y.detach(), gx.detach(), gw.detach(), x.grad.clone(), w.grad.clone(), *first
-
-
-class Spy:
-    """Counts calls of a function it wraps."""
-
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args):
-        self.calls += 1
-        return self.fn(*args)
-
-
-@pytest.mark.parametrize("cin,cout,n,h,w,chunk,transpose", [
-    (4, 6, 3, 8, 10, 2**20, False),  # one chunk
-    (5, 4, 5, 6, 12, 800, False),  # chunks of 2, 2 and 1 images
-    (6, 3, 2, 4, 4, 2**20, True),  # a stride-1 transposed 3x3 (an input gradient) is the same convolution
-])
-def test_winograd_matches_direct_convolution_to_the_second_derivative(monkeypatch, cin, cout, n, h, w, chunk,
-                                                                      transpose):
-    monkeypatch.setitem(ops.WINOGRAD, "chunk", chunk)
-    monkeypatch.setitem(ops.WINOGRAD, "min_channels", 1)  # small layers, to keep the test fast
-    monkeypatch.setitem(ops.WINOGRAD, "min_size", 2)
-    torch.manual_seed(0)
-    x = torch.randn(n, cin, h, w, requires_grad=True)
-    weight = torch.randn(*((cin, cout) if transpose else (cout, cin)), 3, 3, requires_grad=True)
-    f = lambda x, w: ops.conv2d(x, w, padding=1, transpose=transpose)  # noqa: E731
-    g = torch.randn(n, cout, h, w)
-    monkeypatch.setitem(ops.WINOGRAD, "enabled", False)
-    direct = conv_derivatives(f, x, weight, g)
-    monkeypatch.setitem(ops.WINOGRAD, "enabled", True)
-    spies = {name: Spy(getattr(ops, name)) for name in ("winograd_conv", "winograd_conv_grads")}
-    for name, spy in spies.items():
-        monkeypatch.setattr(ops, name, spy)
-    winograd = conv_derivatives(f, x, weight, g)
-    assert spies["winograd_conv"].calls >= 3 and spies["winograd_conv_grads"].calls >= 2  # nothing fell back
-    for a, b in zip(direct, winograd):
-        assert (a - b).abs().max() < 1e-5 * a.abs().max()  # float32 rounding, not an approximation
-    assert (winograd[0] - direct[0]).abs().max() > 0  # and truly another algorithm
-
-
-@pytest.mark.parametrize("shape,cout,k,stride,dtype", [
-    ((2, 4, 8, 8), 6, 1, 1, torch.float32),  # 1x1
-    ((2, 4, 8, 8), 6, 3, 2, torch.float32),  # strided
-    ((2, 4, 7, 8), 6, 3, 1, torch.float32),  # odd height: 2x2 output tiles do not fit
-    ((2, 4, 8, 8), 6, 3, 1, torch.float64),
-    ((1, 128, 8, 8), 128, 3, 1, torch.float32),  # under min_size: slower than the direct convolution
-    ((1, 64, 16, 16), 128, 3, 1, torch.float32),  # under min_channels: likewise
-])
-def test_winograd_leaves_other_convolutions_to_pytorch(monkeypatch, shape, cout, k, stride, dtype):
-    monkeypatch.setitem(ops.WINOGRAD, "enabled", True)
-    if shape[1] == 4:
-        monkeypatch.setitem(ops.WINOGRAD, "min_channels", 1)
-        monkeypatch.setitem(ops.WINOGRAD, "min_size", 2)
-    spy = Spy(ops.winograd_conv)
-    monkeypatch.setattr(ops, "winograd_conv", spy)
-    x, w = torch.randn(*shape, dtype=dtype), torch.randn(cout, shape[1], k, k, dtype=dtype)
-    y = ops.conv2d(x, w, stride=stride, padding=k // 2)
-    assert spy.calls == 0 and torch.equal(y, torch.nn.functional.conv2d(x, w, stride=stride, padding=k // 2))
-    if shape[1] >= 64:  # the same layer above the thresholds does use it
-        monkeypatch.setitem(ops.WINOGRAD, "min_channels", 64)
-        monkeypatch.setitem(ops.WINOGRAD, "min_size", 8)
-        ops.conv2d(x, w, stride=stride, padding=k // 2)
-        assert spy.calls == 1
-
-
-def test_winograd_setting():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    try:
-        for setting, device, enabled in [("auto", cpu, True), ("auto", cuda, False), ("on", cuda, True),
-                                         ("off", cpu, False)]:
-            ops.use_winograd(setting, device)
-            assert ops.WINOGRAD["enabled"] is enabled, (setting, device)
-    finally:
-        ops.use_winograd("off", cpu)
-
-
-def test_conv2d_under_autocast_computes_in_bf16_and_returns_float32_gradients():
-    x, w = torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(6, 4, 3, 3, requires_grad=True)
-    with torch.autocast("cpu", torch.bfloat16):
-        y = ops.conv2d(x, w, padding=1)
-    assert y.dtype == torch.bfloat16
-    y.float().sum().backward()  # the backward runs outside autocast: dtypes must still agree
-    assert x.grad.dtype == w.grad.dtype == torch.float32
-    ref = torch.nn.functional.conv2d(x.detach(), w.detach(), padding=1)
-    assert (y.float() - ref).abs().max() < 0.05 * ref.abs().max()
 
 
 # ---------------------------------------------------------------------------------------
 # Equalised learning rate
 # ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (1, 2, 8, 4), (1, 1, 2, 2)])
-def test_downsample_is_antialiased_bilinear_to_the_second_derivative(shape):
-    """The strided depthwise [1, 3, 3, 1] filter with its border renormalisation equals PyTorch's
-    antialiased bilinear half-size interpolation, in value and in the R1 penalty's double backward."""
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    reference = torch.nn.functional.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True)
-    ours = modules.downsample2x(x)
-    torch.testing.assert_close(ours, reference)
-    grads = [torch.autograd.grad(y.square().sum(), x, create_graph=True)[0] for y in (ours, reference)]
-    torch.testing.assert_close(grads[0], grads[1])
-    second = [torch.autograd.grad(g.sin().sum(), x)[0] for g in grads]
-    torch.testing.assert_close(second[0], second[1])
 
 
 def test_equal_linear_keeps_unit_variance():
@@ -263,6 +123,7 @@ def test_modconv_without_demodulation_is_not_unit_variance():
     assert _interior_var(y) > 2.0
 
 
+@pytest.mark.determinism
 @pytest.mark.parametrize("kernel,up,demodulate", [(3, False, True), (3, True, True), (1, False, False),
                                                   (3, True, False)])
 def test_modconv_fused_matches_unfused(kernel, up, demodulate):
@@ -323,16 +184,6 @@ def test_equal_conv_is_lrelu_of_conv_plus_bias_times_sqrt2(down, resample):
     v = torch.randn(4, 5)
     with torch.no_grad():
         assert torch.allclose(fc(v), lrelu(linear(v)), atol=1e-5)
-
-
-def test_modconv_train_eval_default_paths_agree():
-    torch.manual_seed(0)
-    conv = ModulatedConv2d(8, 8, 3, w_dim=16, up=True)
-    x, w = torch.randn(4, 8, 8, 8), torch.randn(4, 16)
-    with torch.no_grad():
-        train_out = conv.train()(x, w)
-        eval_out = conv.eval()(x, w)
-    assert torch.allclose(train_out, eval_out, atol=1e-5)
 
 
 def test_modconv_default_path_selection(monkeypatch):
@@ -631,7 +482,7 @@ def test_discriminator_gradients_reach_every_parameter():
 
 
 # ---------------------------------------------------------------------------------------
-# Spectral normalisation (seed 003)
+# Spectral normalisation
 # ---------------------------------------------------------------------------------------
 def test_spectral_norm_makes_every_d_layer_1_lipschitz():
     torch.manual_seed(0)
@@ -658,7 +509,7 @@ def test_spectral_norm_d_has_second_derivatives():
 
 
 # ---------------------------------------------------------------------------------------
-# Self-attention (seed 003)
+# Self-attention
 # ---------------------------------------------------------------------------------------
 def test_self_attention_starts_as_identity_and_mixes_positions_once_trained():
     torch.manual_seed(0)

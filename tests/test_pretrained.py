@@ -26,9 +26,11 @@ import torch
 from conftest import assert_user_error, smoke
 from PIL import Image
 
+import checkpoints
 import convert
 import generate_images
 import pretrained
+import settings
 import train
 import training
 import utils
@@ -46,14 +48,15 @@ def reference(name):
 def converted(tmp_path, source, *flags):
     out = tmp_path / "converted" / f"{Path(source).stem}.pt"
     assert convert.main([str(source), str(out), *flags]) == 0
-    state, _ = utils.load_checkpoint(out)  # weights_only=True, as every script reads it
-    D = utils.load_discriminator(state, "cpu") if "D" in state else None
-    return state, utils.load_generator(state, "cpu"), D
+    state, _ = checkpoints.load_checkpoint(out)  # weights_only=True, as every script reads it
+    D = checkpoints.load_discriminator(state, "cpu") if "D" in state else None
+    return state, checkpoints.load_generator(state, "cpu"), D
 
 
 # ---------------------------------------------------------------------------------------
 # The same images and scores as the originals
 # ---------------------------------------------------------------------------------------
+@pytest.mark.determinism
 @torch.no_grad()
 def test_nvlabs_networks_compute_what_the_original_computed(tmp_path):
     ref = reference("nvlabs_tiny")
@@ -61,11 +64,12 @@ def test_nvlabs_networks_compute_what_the_original_computed(tmp_path):
     assert state["config"]["resample"] == "upfirdn" and state["config"]["conv_clamp"] == 256
     for psi, key in ((1.0, "G_ema_img"), (0.5, "G_ema_img_psi05")):
         assert (G_ema(ref["z"], truncation=psi, noise_mode="const") - ref[key]).abs().max() < GREY_LEVEL / 2
-    G = utils.load_network(type(G_ema), state, "G", state["model_args"]["G"])
+    G = checkpoints.load_network(type(G_ema), state, "G", state["model_args"]["G"])
     assert (G(ref["z"], noise_mode="const") - ref["G_img"]).abs().max() < GREY_LEVEL / 2
     torch.testing.assert_close(D(ref["G_ema_img"]), ref["D_score"], atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.determinism
 @torch.no_grad()
 def test_rosinality_networks_compute_what_the_original_computed(tmp_path):
     ref = reference("rosinality_tiny")
@@ -85,6 +89,7 @@ def test_rosinality_mean_w_is_estimated_from_seeded_latents(tmp_path):
         assert (G.mapping(z).mean(0) - G.mapping.w_avg[0]).abs().max() < 0.05
 
 
+@pytest.mark.determinism
 def test_z_file_draws_the_originals_images(tmp_path, capsys):
     ref = reference("nvlabs_tiny")
     np.save(tmp_path / "z.npy", ref["z"].numpy())
@@ -114,6 +119,7 @@ def test_a_bad_z_file_is_one_line(tmp_path, capsys, bad):
     assert_user_error(capsys, code, "--z-file")
 
 
+@pytest.mark.determinism
 @torch.no_grad()
 def test_gray_networks_draw_the_luminance_and_score_like_the_rgb_ones(tmp_path):
     ref = reference("nvlabs_tiny")
@@ -287,7 +293,7 @@ def test_init_from_starts_a_run_from_the_networks(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(smoke(data, out, "--init-from", str(NVLABS), "--max-steps", "3", "--eval-every", "0")) == 0
     assert "initialising from" in capsys.readouterr().out
-    state, _ = utils.load_checkpoint(out / "Models")
+    state, _ = checkpoints.load_checkpoint(out / "Models")
     source, _ = pretrained.load_pretrained(NVLABS)
     assert state["step"] == 3 and state["config"]["resample"] == "upfirdn"
     assert state["model_args"] == source["model_args"]
@@ -303,7 +309,7 @@ def test_init_from_refuses_contradicting_flags_and_resume(data, tmp_path, capsys
     code = train.main(smoke(data, tmp_path / "b", "--init-from", str(ROSINALITY), "--image-mode", "RGB",
                             "--max-steps", "1", "--eval-every", "0"))
     assert code == 0  # an RGB network keeps its channels for RGB data
-    assert utils.load_checkpoint(tmp_path / "b" / "Models")[0]["model_args"]["G"]["img_channels"] == 3
+    assert checkpoints.load_checkpoint(tmp_path / "b" / "Models")[0]["model_args"]["G"]["img_channels"] == 3
     capsys.readouterr()
     gray = tmp_path / "gray.pt"
     assert convert.main([str(NVLABS), str(gray)]) == 0
@@ -315,7 +321,7 @@ def test_init_from_refuses_contradicting_flags_and_resume(data, tmp_path, capsys
 
 
 def test_init_from_a_checkpoint_of_this_toolkit(uncond_run, tmp_path):
-    source, _ = utils.load_checkpoint(uncond_run / "Models")
+    source, _ = checkpoints.load_checkpoint(uncond_run / "Models")
     cfg, _, init = train.settings({"INIT_FROM": str(uncond_run), "DATA_ROOT": "x"},  # a run folder: its Models/
                                   types.SimpleNamespace(preset="smoke"), tmp_path)
     assert cfg.z_dim == source["config"]["z_dim"] and torch.equal(init["G_ema"]["synthesis.const"],
@@ -323,7 +329,7 @@ def test_init_from_a_checkpoint_of_this_toolkit(uncond_run, tmp_path):
 
 
 def test_freeze_d_keeps_the_highest_resolution_blocks_fixed():
-    cfg = utils.resolve_settings({"FREEZE_D": 2, "LOSS": "logistic", "R1_GAMMA": 1.0}, "", "smoke")
+    cfg = settings.resolve_settings({"FREEZE_D": 2, "LOSS": "logistic", "R1_GAMMA": 1.0}, "", "smoke")
     torch.manual_seed(0)
     run = training.build_run(cfg, types.SimpleNamespace(class_names=["AD", "NC"], channels=1), torch.device("cpu"))
     frozen = {id(p) for p in training.frozen_d_parameters(run.D, 2)}

@@ -1,13 +1,15 @@
-"""Progressive training (seed 003): the growth schedule, the skip generator's per-resolution output
+"""Progressive training: the growth schedule, the skip generator's per-resolution output
 weights, real images at the generator's level, and a progressive run end to end."""
 import pytest
 import torch
 from conftest import smoke
 
+import checkpoints
 import generate_images
+import modules
+import settings
 import train
 import training
-import utils
 from modules import Generator, at_growth_level
 
 
@@ -29,7 +31,7 @@ def variation(images):
 
 
 def test_growth_schedule_holds_each_level_then_fades_in_the_next():
-    levels = [utils.growth_level(n, 1.0, 32) for n in range(0, 3001, 125)]  # 32x32: levels 0..3
+    levels = [modules.growth_level(n, 1.0, 32) for n in range(0, 3001, 125)]  # 32x32: levels 0..3
     assert levels[:5] == [0.0] * 5  # the first 500 images at 4x4
     assert levels[6] == 0.5 and levels[8] == 1.0 and levels[12] == 1.0 and levels[14] == 1.5
     grown = levels.index(None)
@@ -91,25 +93,25 @@ def test_progressive_run_shows_d_reals_at_the_level_grows_and_resumes(data, tmp_
     detail = {level: v for level, v in seen}
     assert detail[0.0] < 0.5 * detail[2.0] < 0.5 * detail[None]  # D sees what G can draw so far
 
-    state, _ = utils.load_checkpoint(tmp_path / "straight" / "Models")
-    assert utils.checkpoint_growth_level(state) is None  # fully grown: generates at full resolution
+    state, _ = checkpoints.load_checkpoint(tmp_path / "straight" / "Models")
+    assert checkpoints.checkpoint_growth_level(state) is None  # fully grown: generates at full resolution
     monkeypatch.setattr(training, "d_step", d_step)
     split = tmp_path / "split"
     assert train.main(smoke(data, split, "--max-steps", "3", *flags)) == 0
-    middle, _ = utils.load_checkpoint(split / "Models")
-    assert utils.checkpoint_growth_level(middle) == 0.5  # after 24 images: fading in 8x8
-    assert utils.load_generator(middle, torch.device("cpu")).synthesis.level == 0.5
+    middle, _ = checkpoints.load_checkpoint(split / "Models")
+    assert checkpoints.checkpoint_growth_level(middle) == 0.5  # after 24 images: fading in 8x8
+    assert checkpoints.load_generator(middle, torch.device("cpu")).synthesis.level == 0.5
     assert generate_images.main(["--checkpoint", str(split / "Models"), "--out-dir", str(tmp_path / "gen"),
                                  "--n", "2"]) == 0
     assert train.main(["--resume", "--out-dir", str(split), "--max-steps", "13"]) == 0
-    resumed, _ = utils.load_checkpoint(split / "Models")
+    resumed, _ = checkpoints.load_checkpoint(split / "Models")
     for name in ("G", "D", "G_ema"):
         assert all(torch.equal(state[name][k], resumed[name][k]) for k in state[name]), name
 
 
 def test_progressive_is_off_by_default(data, tmp_path):
-    cfg = utils.resolve_settings({}, "", "smoke")
+    cfg = settings.resolve_settings({}, "", "smoke")
     assert cfg.progressive is False
     assert train.main(smoke(data, tmp_path, "--max-steps", "1", "--eval-every", "0")) == 0
-    state, _ = utils.load_checkpoint(tmp_path / "Models")
-    assert utils.checkpoint_growth_level(state) is None
+    state, _ = checkpoints.load_checkpoint(tmp_path / "Models")
+    assert checkpoints.checkpoint_growth_level(state) is None

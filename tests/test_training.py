@@ -1,20 +1,22 @@
-"""The wiring of one training iteration (training.d_step, g_step, train_step): which batch each
-penalty sees, the lazy-regularisation gains, the path-length mean stored back, and the gradient
-penalty's interpolation between real and fake images."""
+"""training.py: the wiring of one iteration (which batch each penalty sees, the lazy-regularisation
+gains and Adam settings, the path-length mean stored back, which key logs which penalty), the EMA
+and the learning-rate schedules."""
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn as nn
 
 import losses
+import settings
 import training
-import utils
+from settings import resolve_settings
 
 DATA = SimpleNamespace(class_names=["AD", "NC"], channels=1)
 
 
-def setup(**settings):
-    cfg = utils.resolve_settings({k.upper(): v for k, v in settings.items()}, "", "smoke")
+def setup(**overrides):
+    cfg = resolve_settings({k.upper(): v for k, v in overrides.items()}, "", "smoke")
     torch.manual_seed(0)
     run = training.build_run(cfg, DATA, torch.device("cpu"))
     real = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -63,19 +65,6 @@ def test_d_scores_the_real_and_the_generated_batch_apart(monkeypatch):
     assert out.shape[0] == 16 and (out[:8, -1] < 1e-3).all() and (out[8:, -1] > 1e-2).all()
 
 
-def test_gradient_penalty_interpolates_between_real_and_fake():
-    """A quadratic critic sum(x^2)/2 has gradient x: the penalty is (|x_hat| - 1)^2 at x_hat =
-    alpha real + (1 - alpha) fake, with the alpha drawn first from the generator's state."""
-    real, fake = torch.full((3, 1, 2, 2), 0.9), torch.full((3, 1, 2, 2), -0.2)
-    torch.manual_seed(5)
-    alpha = torch.rand(3, 1, 1, 1)
-    torch.manual_seed(5)
-    gp = losses.gradient_penalty(lambda x: x.square().sum((1, 2, 3)) / 2, real, fake)
-    x_hat = alpha * real + (1 - alpha) * fake
-    expected = (x_hat.flatten(1).norm(dim=1) - 1).square().mean()
-    assert gp.item() == pytest.approx(expected.item(), rel=1e-6)
-
-
 @pytest.mark.parametrize("loss,weight", [("wgan-gp", "gp_lambda"), ("logistic", "r1_gamma")])
 def test_the_d_penalty_gain_is_its_interval(monkeypatch, loss, weight):
     cfg, run, real = setup(loss=loss, r1_gamma=2.0, d_reg_interval=4)
@@ -84,7 +73,9 @@ def test_the_d_penalty_gain_is_its_interval(monkeypatch, loss, weight):
     stats = training.d_step(run, cfg, real, None, regularize=True)
     reg_loss = steps.calls[1][0][1]  # (optimiser, loss) of the penalty step
     scale = getattr(cfg, weight) / (2 if weight == "r1_gamma" else 1)  # R1 is gamma / 2 * |grad|^2
-    assert reg_loss.item() == pytest.approx(stats["gp"].item() * scale * 4, rel=1e-5)
+    logged = "r1" if loss == "logistic" else "gp"  # the key says which penalty it holds
+    assert set(stats) & {"gp", "r1"} == {logged}
+    assert reg_loss.item() == pytest.approx(stats[logged].item() * scale * 4, rel=1e-5)
 
 
 def test_the_path_length_gain_is_its_interval_and_its_mean_is_stored_back(monkeypatch):
@@ -95,7 +86,7 @@ def test_the_path_length_gain_is_its_interval_and_its_mean_is_stored_back(monkey
     assert run.pl_mean.item() == 0
     stats = training.g_step(run, cfg, None, len(real), regularize=True)
     reg_loss = steps.calls[1][0][1]
-    assert reg_loss.item() == pytest.approx(stats["plp"].item() * 2.0 * 4, rel=1e-5)
+    assert reg_loss.item() == pytest.approx(stats["pl_penalty"].item() * 2.0 * 4, rel=1e-5)
     (_, (_, new_mean)), = penalties.calls
     assert run.pl_mean.item() == new_mean.item() > 0  # moved from 0 by the decay, and kept
     training.g_step(run, cfg, None, len(real), regularize=True)
@@ -110,24 +101,6 @@ def test_lazy_regularisation_adam_settings():
     training.set_learning_rates(run, cfg)
     assert run.opt_D.param_groups[0]["lr"] == pytest.approx(cfg.d_lr * c_d)
     assert run.opt_G.param_groups[0]["lr"] == pytest.approx(cfg.g_lr * c_g)
-
-
-def test_mode_seeking_pays_for_alike_pairs_and_ignores_fine_noise():
-    """1 / (thumbnail distance per latent distance) over the batch's halves: pairs twice as far
-    apart cost half, and noise that averages out in 16x16 thumbnails buys nothing."""
-    z = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, -1.0], [2.0, 2.0]])  # pairs (0, 2) and (1, 3)
-    images = torch.zeros(4, 1, 32, 32)
-    images[2], images[3] = 0.5, -0.25  # |a - b| of 0.5 and 0.25, |za - zb| of 1 and 2
-    expected = (1 / (0.5 / 1) + 1 / (0.25 / 2)) / 2
-    assert losses.mode_seeking_penalty(images, z).item() == pytest.approx(expected, rel=1e-4)
-    checker = torch.ones(32, 32)
-    checker[::2, ::2] = checker[1::2, 1::2] = -1  # averages to 0 over every 2x2 block
-    noisy = images + 0.3 * checker
-    assert losses.mode_seeking_penalty(noisy, z).item() == pytest.approx(expected, rel=1e-4)
-    assert losses.mode_seeking_penalty(images * 2, z).item() == pytest.approx(expected / 2, rel=1e-4)
-    odd = torch.cat([images, images[:1] + 1]), torch.cat([z, z[:1]])  # a fifth image is left out
-    assert losses.mode_seeking_penalty(*odd).item() == pytest.approx(expected, rel=1e-4)
-    assert losses.mode_seeking_penalty(images[:1], z[:1]).item() == 0
 
 
 def test_mode_seeking_joins_g_s_loss_with_its_weight(monkeypatch):
@@ -147,3 +120,119 @@ def test_mode_seeking_joins_g_s_loss_with_its_weight(monkeypatch):
     assert stats["mode_seeking"].item() == penalty.item()
     cfg, run, real = setup()
     assert "mode_seeking" not in training.g_step(run, cfg, None, len(real), regularize=False)
+
+
+@pytest.mark.parametrize("batch,kimg", [(32, 10.0), (16, 0.5), (64, 2.0)])
+def test_ema_beta_half_life(batch, kimg):
+    beta = training.ema_beta(batch, kimg, 0.0, nimg=0)
+    assert beta ** (kimg * 1000 / batch) == pytest.approx(0.5, rel=1e-9)
+
+
+def test_ema_beta_rampup():
+    full = training.ema_beta(32, 10.0, 0.0, nimg=1000)
+    early = training.ema_beta(32, 10.0, 0.05, nimg=1000)  # half-life capped at 50 images
+    assert early < full
+    assert early ** (50 / 32) == pytest.approx(0.5, rel=1e-9)
+    late = training.ema_beta(32, 10.0, 0.05, nimg=10**9)  # cap no longer binds
+    assert late == pytest.approx(full, rel=1e-12)
+    assert training.ema_beta(32, 10.0, 0.05, nimg=0) == pytest.approx(0.0, abs=1e-12)  # first step copies
+
+
+def test_ema_update_lerps_params_and_copies_buffers():
+    torch.manual_seed(0)
+    ema, model = _Net(), _Net()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        model.norm.running_mean.copy_(torch.tensor([5.0, -5.0]))
+        model.norm.num_batches_tracked.fill_(7)
+    before = [p.detach().clone() for p in ema.parameters()]
+    target = [p.detach().clone() for p in model.parameters()]
+    beta = 0.75
+    training.ema_update(ema, model, beta)
+    for e, b, t in zip(ema.parameters(), before, target):
+        assert torch.allclose(e, beta * b + (1 - beta) * t, atol=1e-6)
+    for p, t in zip(model.parameters(), target):
+        assert torch.equal(p, t)  # the trained model is untouched
+    assert torch.equal(ema.norm.running_mean, torch.tensor([5.0, -5.0]))
+    assert ema.norm.num_batches_tracked.item() == 7
+
+
+def test_ema_update_works_on_generator():
+    import modules
+    torch.manual_seed(0)
+    kw = dict(z_dim=8, w_dim=8, mapping_layers=1, resolution=32, img_channels=1, channel_base=128, channel_max=8)
+    G, G_ema = modules.Generator(**kw), modules.Generator(**kw)
+    G.mapping.w_avg.fill_(3.0)
+    training.ema_update(G_ema.requires_grad_(False), G, 0.0)  # beta 0: a plain copy
+    for a, b in zip(G_ema.state_dict().values(), G.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def lr_cfg(**kw):
+    base = dict(lr_schedule="constant", lr_cycle_steps=100, lr_cycle_min=0.1, lr_step_epochs=10, lr_step_factor=0.5)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_lr_factor_constant():
+    cfg = lr_cfg()
+    assert {training.lr_factor(cfg, s, e) for s, e in [(0, 0), (1234, 7), (10**6, 999)]} == {1.0}
+
+
+def test_lr_factor_cyclic():
+    cfg = lr_cfg(lr_schedule="cyclic", lr_cycle_steps=100, lr_cycle_min=0.1)
+    f = lambda step: training.lr_factor(cfg, step, 0)  # noqa: E731
+    assert f(0) == pytest.approx(0.1)
+    assert f(50) == pytest.approx(0.55)
+    assert f(100) == pytest.approx(1.0)
+    assert f(150) == pytest.approx(0.55)
+    assert f(200) == pytest.approx(0.1)
+    assert f(300) == pytest.approx(1.0)
+    values = [f(s) for s in range(0, 401)]
+    assert min(values) == pytest.approx(0.1) and max(values) == pytest.approx(1.0)
+
+
+def test_lr_factor_step():
+    cfg = lr_cfg(lr_schedule="step", lr_step_epochs=10, lr_step_factor=0.5)
+    assert training.lr_factor(cfg, 0, 0) == 1.0
+    assert training.lr_factor(cfg, 999, 9) == 1.0
+    assert training.lr_factor(cfg, 999, 10) == pytest.approx(0.5)
+    assert training.lr_factor(cfg, 999, 25) == pytest.approx(0.25)
+    assert training.lr_factor(cfg, 0, 30) == pytest.approx(0.125)
+
+
+def test_wgan_r1_adds_an_r1_penalty_to_the_gradient_penalty():
+    """WGAN-GP with a small R1 penalty on the reals as well."""
+    data = SimpleNamespace(class_names=["AD", "NC"], channels=1)
+    real = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    stats = {}
+    for gamma in (0.0, 5.0):
+        cfg = settings.resolve_settings({"LOSS": "wgan-gp", "WGAN_R1_GAMMA": gamma}, "", "smoke")
+        torch.manual_seed(0)
+        run = training.build_run(cfg, data, torch.device("cpu"))
+        torch.manual_seed(1)
+        stats[gamma] = training.d_step(run, cfg, real, None, regularize=True)
+    assert "r1" not in stats[0.0] and stats[5.0]["r1"] > 0
+    assert stats[0.0]["gp"] == stats[5.0]["gp"]  # the same gradient penalty, logged as gp
+    assert stats[5.0]["grad_d_reg"] != stats[0.0]["grad_d_reg"]  # and the R1 term in the update
+    only_r1 = settings.resolve_settings({"LOSS": "wgan-gp", "GP_LAMBDA": 0, "WGAN_R1_GAMMA": 1.0}, "", "smoke")
+    assert training.reg_intervals(only_r1)["D"] == only_r1.d_reg_interval
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.norm = nn.BatchNorm1d(2)
+
+
+def test_older_checkpoints_histories_take_todays_keys():
+    """Before the keys said which penalty they hold, `plp` was the path-length penalty and `gp` held R1
+    under the logistic loss."""
+    h = {"loss_gen": torch.zeros(3), "gp": torch.ones(3), "plp": torch.full((3,), 2.0)}
+    logistic = training.history_of(dict(history=h, config=dict(loss="logistic")))
+    assert set(logistic) == {"loss_gen", "r1", "pl_penalty"} and logistic["r1"].sum() == 3
+    wgan = training.history_of(dict(history=h, config=dict(loss="wgan-gp")))
+    assert set(wgan) == {"loss_gen", "gp", "pl_penalty"} and wgan["pl_penalty"].sum() == 6
+    assert set(training.HISTORY_KEYS) >= {"gp", "r1", "pl_penalty"}

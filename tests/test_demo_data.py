@@ -8,7 +8,7 @@ from PIL import Image
 
 import dataset
 import demo_data
-from utils import UserError
+from settings import UserError
 
 pytest.importorskip("nilearn")
 
@@ -99,6 +99,7 @@ def test_skull_free_black_background_brain_centred(demo):
 # ---------------------------------------------------------------------------------------
 # Determinism and the cache
 # ---------------------------------------------------------------------------------------
+@pytest.mark.determinism
 def test_same_seed_gives_byte_identical_files(demo, tmp_path):
     again = build(tmp_path / "again")
     files = sorted(p.relative_to(demo) for p in demo.rglob("*") if p.is_file())

@@ -1,25 +1,110 @@
-"""End to end: train.py writes samples, checkpoints and plots; resume is exact; a stop signal saves
-a checkpoint; a non-finite loss stops without touching the last good checkpoint;
-generate_images.py writes what it is asked for, and the same seed gives the same image."""
+"""train.py end to end: samples, checkpoints and plots; bad flags and data in one line; exact resume;
+a non-finite loss or a full disk stops without touching the last good checkpoint; the scripts as
+commands; --compile, Winograd, spectral norm, attention and AdaIN through training and resume."""
 import contextlib
+import errno
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
-from conftest import assert_user_error, smoke
+from conftest import QUICK, assert_user_error, smoke, write_images
 from PIL import Image
 
+import checkpoints
 import generate_images
 import losses
 import ops
+import run_folder
+import run_outputs
+import settings
 import train
 import training
-import utils
+
+
+def full_disk_save(obj, f, *args, **kwargs):
+    """torch.save on a disk that fills up part-way, as PyTorch reports it: a RuntimeError whose
+    context is the OSError."""
+    f.write(b"PK\x03\x04 partial")
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_checkpoints(data, tmp_path, monkeypatch, capsys):
+    assert train.main(smoke(data, tmp_path, "--max-steps", "6", *QUICK)) == 0
+    before = (tmp_path / "Models" / "checkpoint_00000006.pt").read_bytes()
+    monkeypatch.setattr(checkpoints.torch, "save", full_disk_save)
+    capsys.readouterr()
+    code = train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "12"])
+    assert_user_error(capsys, code, str(tmp_path / "Models" / "checkpoint_00000012.pt"), "No space left on device")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "Models").iterdir()) == ["checkpoint_00000006.pt"]  # no .tmp, no lock
+    assert (tmp_path / "Models" / "checkpoint_00000006.pt").read_bytes() == before
+    assert checkpoints.load_checkpoint(tmp_path / "Models")[0]["step"] == 6
+
+
+def test_a_full_disk_while_writing_a_sample_grid_is_one_line(data, tmp_path, monkeypatch, capsys):
+    def full(images, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(run_outputs, "save_grid", full)
+    code = train.main(smoke(data, tmp_path, "--max-steps", "2", *QUICK))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 1 and len(err) == 1, err
+    assert "reals.png" in err[0] and "No space left on device" in err[0]
+    assert not (tmp_path / "Models" / run_folder.LOCK_FILE).exists()
+
+
+SMOKE = ["--preset", "smoke", "--device", "cpu"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda(capsys, tmp_path):
+    code = train.main(SMOKE[:2] + ["--device", "cuda", "--out-dir", str(tmp_path)])
+    assert_user_error(capsys, code, "--device")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_resume_with_empty_out_dir(capsys, tmp_path):
+    assert_user_error(capsys, train.main(["--resume", "--out-dir", str(tmp_path)]), "--resume")
+
+
+def test_missing_data_root(capsys, tmp_path):
+    missing = tmp_path / "no_data"
+    code = train.main(SMOKE + ["--data-root", str(missing), "--out-dir", str(tmp_path / "out")])
+    assert_user_error(capsys, code, str(missing), "--data-root", "--preset demo")
+
+
+def test_default_data_root_missing_points_to_the_demo(capsys, tmp_path, monkeypatch):
+    """No preset and no data: the error names the setting (flag and constant) and the demo preset."""
+    monkeypatch.chdir(tmp_path)
+    code = train.main([])
+    assert_user_error(capsys, code, "data/AD_NC", "--data-root", "DATA_ROOT", "--preset demo")
+
+
+def test_batch_larger_than_data(capsys, tmp_path):
+    write_images(tmp_path / "data", 4)
+    code = train.main(SMOKE + ["--data-root", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out")])
+    assert_user_error(capsys, code, "--batch-size")
+
+
+def test_conditional_on_flat_folder(capsys, tmp_path):
+    write_images(tmp_path / "data", 4)
+    code = train.main(SMOKE + ["--conditional", "--data-root", str(tmp_path / "data"),
+                               "--out-dir", str(tmp_path / "out")])
+    assert_user_error(capsys, code, "--conditional")
+
+
+def test_resume_with_changed_architecture(capsys, uncond_run):
+    code = train.main(["--resume", "--out-dir", str(uncond_run), "--resolution", "64"])
+    assert_user_error(capsys, code, "--resolution", str(checkpoints.list_checkpoints(uncond_run / "Models")[-1]))
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +119,7 @@ def test_train_writes_samples_checkpoints_plot_and_config(cond_run):
     tile_max = [int(reals[2:34, 2 + 34 * i:34 + 34 * i].max()) for i in range(8)]
     is_ad = [m > 200 for m in tile_max]  # AD squares are 255, NC squares 120
     assert is_ad == sorted(is_ad, reverse=True) and any(is_ad) and not all(is_ad)  # class by class
-    ckpts = utils.list_checkpoints(cond_run / "Models")
+    ckpts = checkpoints.list_checkpoints(cond_run / "Models")
     assert [p.name for p in ckpts] == ["checkpoint_00000006.pt", "checkpoint_00000012.pt"]  # 48 images / 8
     state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
     assert state["step"] == 12 and state["epoch"] == 2 and state["class_names"] == ["AD", "NC"]
@@ -42,6 +127,7 @@ def test_train_writes_samples_checkpoints_plot_and_config(cond_run):
     assert state["config"]["conditional"] is True and state["config"]["resolution"] == 32
 
 
+@pytest.mark.determinism
 def test_resume_is_exact(data, tmp_path):
     """3 steps + resume to 7 steps == 7 steps in one go, bit for bit (crossing an epoch boundary).
     On the CPU: cuDNN's autotuned kernels and atomic adds vary a CUDA run's last bits."""
@@ -49,8 +135,8 @@ def test_resume_is_exact(data, tmp_path):
     assert train.main(smoke(data, straight, "--max-steps", "7", "--device", "cpu")) == 0
     assert train.main(smoke(data, split, "--max-steps", "3", "--device", "cpu")) == 0
     assert train.main(["--resume", "--out-dir", str(split), "--max-steps", "7"]) == 0
-    a, _ = utils.load_checkpoint(straight / "Models")
-    b, _ = utils.load_checkpoint(split / "Models")
+    a, _ = checkpoints.load_checkpoint(straight / "Models")
+    b, _ = checkpoints.load_checkpoint(split / "Models")
     assert a["step"] == b["step"] == 7 and a["epoch"] == b["epoch"] == 1
     for net in ("G", "D", "G_ema"):
         for k in a[net]:
@@ -59,40 +145,15 @@ def test_resume_is_exact(data, tmp_path):
     assert torch.equal(a["pl_mean"], b["pl_mean"])
 
 
-def test_resume_refuses_changed_architecture(data, tmp_path, capsys):
-    assert train.main(smoke(data, tmp_path, "--max-steps", "1")) == 0
-    assert train.main(["--resume", "--out-dir", str(tmp_path), "--z-dim", "64"]) == 2
-    assert "--z-dim" in capsys.readouterr().err
-
-
 def test_checkpoint_of_an_older_version_resumes_with_defaults_for_newer_settings(data, tmp_path):
     """A checkpoint written before a setting existed (no key in its config) resumes with its default."""
     assert train.main(smoke(data, tmp_path, "--max-steps", "1")) == 0
-    state, path = utils.load_checkpoint(tmp_path / "Models")
+    state, path = checkpoints.load_checkpoint(tmp_path / "Models")
     for key in ("spectral_norm", "attention_res", "augment", "progressive"):
         state["config"].pop(key, None)
     torch.save(state, path)
     assert train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "2"]) == 0
-    assert utils.load_checkpoint(tmp_path / "Models")[0]["step"] == 2
-
-
-def test_stop_signal_saves_a_checkpoint_and_resume_continues(data, tmp_path, monkeypatch):
-    real_ema_update = training.ema_update
-    calls = []
-
-    def ema_then_signal(*args):
-        real_ema_update(*args)
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(training, "ema_update", ema_then_signal)
-    assert train.main(smoke(data, tmp_path, "--epochs", "50")) == 128 + signal.SIGTERM
-    assert [p.name for p in utils.list_checkpoints(tmp_path / "Models")] == ["checkpoint_00000002.pt"]
-    monkeypatch.setattr(training, "ema_update", real_ema_update)
-    assert train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "4"]) == 0
-    state, _ = utils.load_checkpoint(tmp_path / "Models")
-    assert state["step"] == 4 and len(state["history"]["loss_gen"]) == 4
+    assert checkpoints.load_checkpoint(tmp_path / "Models")[0]["step"] == 2
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch, capsys):
@@ -109,44 +170,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, mon
     assert train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "20"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "non-finite loss_critic" in err[0] and "step 8" in err[0]
-    assert utils.list_checkpoints(tmp_path / "Models")[-1].name == "checkpoint_00000006.pt"
+    assert checkpoints.list_checkpoints(tmp_path / "Models")[-1].name == "checkpoint_00000006.pt"
     assert (tmp_path / "Models" / "checkpoint_00000006.pt").read_bytes() == before
-
-
-def read(path):
-    return np.asarray(Image.open(path))
-
-
-def test_generate_writes_requested_files(cond_run, tmp_path):
-    out = tmp_path / "gen"
-    rc = generate_images.main(["--checkpoint", str(cond_run / "Models"), "--out-dir", str(out),
-                               "--seeds", "3,5,8", "--label", "NC"])
-    assert rc == 0
-    assert sorted(p.name for p in out.glob("seed*.png")) == ["seed0003_NC.png", "seed0005_NC.png", "seed0008_NC.png"]
-    assert (out / "grid.png").is_file() and (out / "losses.png").is_file()
-    assert read(out / "seed0003_NC.png").shape == (32, 32)
-
-
-def test_same_seed_same_image(cond_run, tmp_path):
-    """The same seeds and settings give the same PNGs; another batch size or seed list changes only the
-    float rounding of the batched arithmetic (at most one grey level)."""
-    args = ["--checkpoint", str(cond_run / "Models"), "--seeds", "7,11", "--label", "AD"]
-    assert generate_images.main(args + ["--out-dir", str(tmp_path / "a")]) == 0
-    assert generate_images.main(args + ["--out-dir", str(tmp_path / "a2")]) == 0
-    assert generate_images.main(args + ["--out-dir", str(tmp_path / "b"), "--batch", "1"]) == 0
-    assert generate_images.main(["--checkpoint", str(cond_run / "Models"), "--seeds", "7",
-                                 "--label", "AD", "--out-dir", str(tmp_path / "c")]) == 0
-    a = read(tmp_path / "a" / "seed0007_AD.png").astype(int)
-    assert np.array_equal(a, read(tmp_path / "a2" / "seed0007_AD.png"))
-    assert np.abs(a - read(tmp_path / "b" / "seed0007_AD.png")).max() <= 1
-    assert np.abs(a - read(tmp_path / "c" / "seed0007_AD.png")).max() <= 1
-    assert np.abs(a - read(tmp_path / "a" / "seed0011_AD.png")).max() > 20
-
-
-def test_truncation_zero_gives_the_class_mean_image(cond_run, tmp_path):
-    assert generate_images.main(["--checkpoint", str(cond_run / "Models"), "--out-dir", str(tmp_path),
-                                 "--seeds", "1,2", "--label", "AD", "--truncation", "0"]) == 0
-    assert np.array_equal(read(tmp_path / "seed0001_AD.png"), read(tmp_path / "seed0002_AD.png"))
 
 
 def test_scripts_run_as_commands(cond_run, tmp_path):
@@ -166,10 +191,11 @@ def test_compile_falls_back_to_eager_with_one_warning(data, tmp_path, monkeypatc
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert warnings == ["warning: --compile: torch.compile does not work here (RuntimeError: no C compiler found); "
                         "training runs eagerly"]
-    state, _ = utils.load_checkpoint(tmp_path / "Models")
+    state, _ = checkpoints.load_checkpoint(tmp_path / "Models")
     assert state["step"] == 2 and state["config"]["compile"] is True
 
 
+@pytest.mark.determinism
 def test_winograd_training_follows_the_direct_convolution(data, tmp_path, monkeypatch):
     """The smoke model's layers are under Winograd's thresholds; lowered, every stride-1 3x3 convolution of
     the step (penalties' double backward included) runs it, and the losses follow the direct convolution's."""
@@ -181,7 +207,7 @@ def test_winograd_training_follows_the_direct_convolution(data, tmp_path, monkey
     for setting in ("on", "off"):
         out = tmp_path / setting
         assert train.main(smoke(data, out, "--max-steps", "5", "--eval-every", "0", "--winograd", setting)) == 0
-        history[setting] = utils.load_checkpoint(out / "Models")[0]["history"]
+        history[setting] = checkpoints.load_checkpoint(out / "Models")[0]["history"]
         if setting == "on":
             assert len(calls) > 50
     for key in ("loss_critic", "loss_gen"):
@@ -191,7 +217,7 @@ def test_winograd_training_follows_the_direct_convolution(data, tmp_path, monkey
 
 
 def test_amp_is_a_cuda_setting():
-    cfg = utils.resolve_settings({"AMP": True}, "", "smoke")
+    cfg = settings.resolve_settings({"AMP": True}, "", "smoke")
     run = training.build_run(cfg, SimpleNamespace(class_names=["AD", "NC"], channels=1), torch.device("cpu"))
     assert run.amp is False and isinstance(training.autocast(run), contextlib.nullcontext)  # no bf16 on the CPU
 
@@ -200,7 +226,7 @@ def test_spectral_norm_and_attention_train_resume_and_are_part_of_the_architectu
     flags = ["--spectral-norm", "--attention-res", "16", "--eval-every", "0"]
     assert train.main(smoke(data, tmp_path, "--max-steps", "2", *flags)) == 0
     assert train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "3"]) == 0
-    state, _ = utils.load_checkpoint(tmp_path / "Models")
+    state, _ = checkpoints.load_checkpoint(tmp_path / "Models")
     assert state["step"] == 3 and state["model_args"]["D"]["spectral_norm"] is True
     assert state["model_args"]["G"]["attention_res"] == state["model_args"]["D"]["attention_res"] == 16
     assert generate_images.main(["--checkpoint", str(tmp_path / "Models"), "--out-dir", str(tmp_path / "gen"),
@@ -212,28 +238,10 @@ def test_spectral_norm_and_attention_train_resume_and_are_part_of_the_architectu
     assert_user_error(capsys, code, "--attention-res 12")
 
 
-def test_wgan_r1_adds_an_r1_penalty_to_the_gradient_penalty():
-    """Seed 002: WGAN-GP with a small R1 penalty on the reals as well."""
-    data = SimpleNamespace(class_names=["AD", "NC"], channels=1)
-    real = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    stats = {}
-    for gamma in (0.0, 5.0):
-        cfg = utils.resolve_settings({"LOSS": "wgan-gp", "WGAN_R1_GAMMA": gamma}, "", "smoke")
-        torch.manual_seed(0)
-        run = training.build_run(cfg, data, torch.device("cpu"))
-        torch.manual_seed(1)
-        stats[gamma] = training.d_step(run, cfg, real, None, regularize=True)
-    assert "r1" not in stats[0.0] and stats[5.0]["r1"] > 0
-    assert stats[0.0]["gp"] == stats[5.0]["gp"]  # the same gradient penalty, logged as gp
-    assert stats[5.0]["grad_d_reg"] != stats[0.0]["grad_d_reg"]  # and the R1 term in the update
-    only_r1 = utils.resolve_settings({"LOSS": "wgan-gp", "GP_LAMBDA": 0, "WGAN_R1_GAMMA": 1.0}, "", "smoke")
-    assert training.reg_intervals(only_r1)["D"] == only_r1.d_reg_interval
-
-
 def test_adain_style_op_trains_resumes_generates_and_is_part_of_the_architecture(data, tmp_path, capsys):
     assert train.main(smoke(data, tmp_path, "--max-steps", "2", "--style-op", "adain", "--eval-every", "0")) == 0
     assert train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "3"]) == 0
-    state, _ = utils.load_checkpoint(tmp_path / "Models")
+    state, _ = checkpoints.load_checkpoint(tmp_path / "Models")
     assert state["step"] == 3 and state["model_args"]["G"]["style_op"] == "adain"
     assert any(".adain." in k for k in state["G_ema"])
     assert generate_images.main(["--checkpoint", str(tmp_path / "Models"), "--out-dir", str(tmp_path / "gen"),

@@ -10,7 +10,7 @@ import pytest
 from conftest import write_images
 
 import dataset
-from utils import UserError
+from settings import UserError
 
 nib = pytest.importorskip("nibabel")
 

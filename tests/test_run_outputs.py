@@ -1,15 +1,18 @@
-"""The kimg schedule (--kimg, --snapshot-kimg, --tick-kimg) and the run's logs, stats.jsonl and
-metrics.jsonl: lengths, snapshot names, tick means, exact resume, and what a resume or a fresh
-run does with lines written after the checkpoint it starts from."""
+"""run_outputs.py: what a run writes as it goes: the kimg schedule (--kimg, --snapshot-kimg,
+--tick-kimg) with exact resume, stats.jsonl's tick means, evaluations during training and best.pt,
+the loss plots from the logs, and TensorBoard's."""
 import json
+import sys
 
 import pytest
 import torch
-from conftest import smoke
+from conftest import assert_user_error, smoke
 
+import checkpoints
 import generate_images
+import metrics
 import train
-from utils import append_jsonl, read_checkpoint, read_jsonl
+from checkpoints import read_checkpoint
 
 SCHEDULE = ("--kimg", "0.1", "--snapshot-kimg", "0.04", "--tick-kimg", "0.016", "--eval-n", "16")
 
@@ -56,6 +59,7 @@ def test_stats_lines_hold_the_tick_means_of_the_losses(kimg_run):
     assert ticks[0]["gp"] is not None and ticks[1]["gp"] is None  # the penalty ran at step 0 only, then step 4
 
 
+@pytest.mark.determinism
 def test_resume_continues_the_kimg_schedule_exactly(data, kimg_run, tmp_path):
     out = tmp_path / "run"
     assert train.main(smoke(data, out, "--epochs", "1", *SCHEDULE, "--max-steps", "7")) == 0
@@ -66,34 +70,6 @@ def test_resume_continues_the_kimg_schedule_exactly(data, kimg_run, tmp_path):
         assert torch.equal(tensor, b["G_ema"][name]), name
     assert [t["nimg"] for t in lines(out / "stats.jsonl")] == [16, 32, 48, 56, 64, 80, 96, 104]
     assert b["seconds"] >= read_checkpoint(out / "Models" / "checkpoint_00000007.pt")["seconds"] > 0
-
-
-def test_resuming_an_older_checkpoint_moves_later_log_lines_aside(data, tmp_path):
-    out = tmp_path / "run"
-    assert train.main(smoke(data, out, "--epochs", "1", *SCHEDULE)) == 0
-    before = (out / "stats.jsonl").read_text()
-    assert train.main(["--resume", str(out / "Models" / "checkpoint_00000005.pt"), "--max-steps", "6"]) == 0
-    (superseded,) = (out / "Models" / "superseded").iterdir()
-    assert (superseded / "stats.jsonl").read_text() == before  # the original, whole
-    assert [t["nimg"] for t in lines(out / "stats.jsonl")] == [16, 32, 48]  # up to 40 images, then the new end
-    assert [m["nimg"] for m in lines(out / "metrics.jsonl")] == [40, 48]  # up to 40 images, then the new end
-    assert {p.name for p in superseded.iterdir()} >= {"checkpoint_00000010.pt", "metrics.jsonl"}
-
-
-def test_a_fresh_run_starts_new_logs(data, tmp_path):
-    out = tmp_path / "run"
-    assert train.main(smoke(data, out, "--max-steps", "2", "--tick-kimg", "0.008", "--eval-every", "0")) == 0
-    assert not (out / "metrics.jsonl").exists()  # no evaluation, no metrics lines
-    assert train.main(smoke(data, out, "--max-steps", "3", "--tick-kimg", "0.008", "--overwrite")) == 0
-    assert [t["step"] for t in lines(out / "stats.jsonl")] == [1, 2, 3]
-
-
-def test_a_cut_line_is_skipped_when_read_and_the_next_line_starts_afresh(tmp_path):
-    path = tmp_path / "stats.jsonl"
-    path.write_text('{"kimg": 4.0, "nimg": 4000}\n{"kimg": 8.0, "ni')
-    assert read_jsonl(path) == [{"kimg": 4.0, "nimg": 4000}]
-    append_jsonl({"kimg": 8.0, "nimg": 8000, "gp": float("nan")}, path)  # the resumed run's next tick
-    assert read_jsonl(path) == [{"kimg": 4.0, "nimg": 4000}, {"kimg": 8.0, "nimg": 8000, "gp": None}]
 
 
 def test_loss_plots_from_the_logs(kimg_run, tmp_path, capsys):
@@ -115,3 +91,65 @@ def test_a_finished_run_evaluates_its_last_epoch_once(data, tmp_path):
     again = tmp_path / "again"
     assert train.main(smoke(data, again, "--epochs", "2", "--eval-every", "1", "--max-steps", "0")) == 0
     assert [m["epoch"] for m in lines(again / "metrics.jsonl")] == [1, 2]
+
+
+def test_training_logs_metrics_and_keeps_best(cond_run):
+    samples = cond_run / "saved_examples" / "32x32"
+    metrics = json.loads((samples / "metrics.json").read_text())
+    assert [m["epoch"] for m in metrics] == [1, 2] and [m["step"] for m in metrics] == [6, 12]
+    assert {"swd", "swd_32", "swd_16", "ms_ssim_fake", "ms_ssim_real", "precision", "recall"} <= set(metrics[0])
+    assert {"d_real", "d_fake", "d_heldout", "d_overfit"} <= set(metrics[0])  # data/test is the held-out set
+    assert {"copy_rate", "authenticity", "nn_dist_fake", "nn_dist_heldout"} <= set(metrics[0])
+    assert 0 <= metrics[-1]["copy_rate"] <= 1 and metrics[-1]["nn_dist_fake"] > 0
+    assert (samples / "metrics.png").is_file() and (samples / "memorisation.png").is_file()
+    best, _ = checkpoints.load_checkpoint(cond_run / "Models" / "best.pt")
+    best_epoch = min((m for m in metrics if m["copy_rate"] <= 0.01), key=lambda m: m["swd"])["epoch"]
+    assert best["epoch"] == best_epoch and best["metrics"] == metrics[:best_epoch]
+    last, _ = checkpoints.load_checkpoint(cond_run / "Models")
+    assert last["metrics"] == metrics and (cond_run / "Models" / "best.pt") not in checkpoints.list_checkpoints(
+        cond_run / "Models")
+
+
+def test_training_does_not_keep_a_copying_generator_as_best(data, tmp_path, monkeypatch, capsys):
+    """Wiring: an evaluation with the lowest SWD but a copy_rate above --eval-max-copy-rate leaves
+    best.pt at the earlier evaluation (and says why)."""
+    scripted = iter([dict(swd=5.0, copy_rate=0.0), dict(swd=2.0, copy_rate=0.5)])
+    monkeypatch.setattr(metrics.Evaluator, "__call__", lambda self, G, device, D=None: next(scripted))
+    monkeypatch.setattr(metrics.Evaluator, "save_memorisation_figure", lambda self, path: None)
+    out = tmp_path / "run"
+    assert train.main(smoke(data, out, "--epochs", "2")) == 0
+    best, _ = checkpoints.load_checkpoint(out / "Models" / "best.pt")
+    assert best["epoch"] == 1
+    assert "not kept as best.pt: copy_rate 0.5 is above --eval-max-copy-rate 0.01" in capsys.readouterr().out
+
+
+@pytest.mark.determinism
+def test_evaluation_is_the_same_after_resume(data, tmp_path):
+    """The metrics history is kept in the checkpoint: a resumed run logs the same figures as a straight one."""
+    straight, split = tmp_path / "a", tmp_path / "b"
+    assert train.main(smoke(data, straight, "--epochs", "2", "--device", "cpu")) == 0  # bit for bit: CPU
+    assert train.main(smoke(data, split, "--epochs", "1", "--device", "cpu")) == 0
+    assert train.main(["--resume", "--out-dir", str(split), "--epochs", "2"]) == 0
+    a, b = (json.loads((d / "saved_examples" / "32x32" / "metrics.json").read_text()) for d in (straight, split))
+    assert a == b and len(a) == 2
+
+
+def test_eval_metric_fid_without_weights_is_an_error(capsys, data, tmp_path):
+    code = train.main(smoke(data, tmp_path, "--eval-metric", "fid"))
+    assert_user_error(capsys, code, "--eval-metric fid", "--inception-weights")
+
+
+def test_tensorboard_missing_package_is_a_one_line_error(capsys, data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    code = train.main(smoke(data, tmp_path, "--tensorboard", "--max-steps", "1"))
+    assert_user_error(capsys, code, "--tensorboard", "pip install tensorboard")
+
+
+def test_tensorboard_logs_scalars_and_images(data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    assert train.main(smoke(data, tmp_path, "--tensorboard", "--epochs", "1")) == 0
+    events = EventAccumulator(str(tmp_path / "runs")).Reload()
+    tags = events.Tags()
+    assert {"train/loss_gen", "train/loss_critic", "metrics/swd"} <= set(tags["scalars"])
+    assert "samples" in tags["images"] and len(events.Scalars("train/loss_gen")) == 6

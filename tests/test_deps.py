@@ -1,7 +1,5 @@
-"""README's quick start is what CI runs, and a Python without the packages gets one line that says
-what to install (deps.py)."""
-import re
-import shutil
+"""deps.py: a Python without the packages of requirements.txt gets one line naming them and the
+command that installs them, before any of them is imported."""
 import subprocess
 import sys
 from pathlib import Path
@@ -12,44 +10,6 @@ import deps
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["train.py", "generate_images.py", "evaluate.py", "bench.py", "convert.py"]
-TRAIN = " && python train.py --preset demo"
-
-
-def quick_start():
-    """The commands of README's quick-start block (its first ```bash block), comments left off."""
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## Quick start"):]
-    block = re.search(r"```bash\n(.*?)```", section, re.S)[1]
-    return [line.split("   #")[0].strip() for line in block.splitlines() if line.strip()]
-
-
-def ci_commands():
-    """The lines of .ci/run that run something, after its shell settings and cd."""
-    lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
-    return [line for line in lines if line and not line.startswith(("#", "set ", "cd "))]
-
-
-def test_ci_runs_the_quick_starts_install_and_test_commands():
-    first, second = quick_start()
-    assert first.endswith(TRAIN), first
-    assert ci_commands() == [first[:-len(TRAIN)], second]
-
-
-def test_the_quick_start_uses_a_virtual_environment_the_scripts_name():
-    first, second = quick_start()
-    assert first.startswith(deps.INSTALL + " && ")
-    assert second.startswith(". .venv/bin/activate && ")
-    readme = (REPO / "README.md").read_text()
-    assert f"`{deps.INSTALL_WINDOWS}; python train.py --preset demo`" in readme
-
-
-def test_the_virtual_environment_is_ignored_by_git_and_the_tests():
-    if shutil.which("git") and (REPO / ".git").exists():
-        ignored = subprocess.run(["git", "check-ignore", "-q", ".venv/bin/python"], cwd=REPO)
-        assert ignored.returncode == 0
-    else:
-        assert ".venv/" in (REPO / ".gitignore").read_text().split()
-    assert "testpaths = tests" in (REPO / "pytest.ini").read_text()
 
 
 def test_required_packages_reads_requirement_lines(tmp_path):

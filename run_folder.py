@@ -1,0 +1,225 @@
+"""A training run's folder, OUT_DIR: one run per folder, held by a lock while it writes; a fresh
+run refuses another run's checkpoints (or deletes them with --overwrite); a resumed run picks its
+checkpoint and moves what was written after it to Models/superseded/, never deleting it."""
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import constants
+from checkpoints import (
+    BEST_CHECKPOINT,
+    TRAINING_KEYS,
+    checkpoint_step,
+    list_checkpoints,
+    load_checkpoint,
+    read_checkpoint,
+)
+from settings import UserError
+from utils import append_jsonl, read_jsonl
+
+LOCK_FILE = "train.lock"  # in OUT_DIR/Models while a train.py run writes there
+SUPERSEDED = "superseded"  # Models/superseded/<time>/: what a run wrote after the checkpoint it resumed from
+RUN_OUTPUTS = ("epoch_*.png", "step_*.png", "fakes_*.png", "reals.png", "losses.png", "metrics.json", "metrics.png",
+               "memorisation.png", "config.json")  # in OUT_DIR/saved_examples/<R>x<R>
+LOGS = ("stats.jsonl", "metrics.jsonl")  # in OUT_DIR: a line per tick, a line per evaluation
+
+
+def out_dir(given, opts):
+    """OUT_DIR: --out-dir, the preset's, or for --resume PATH the folder whose Models/ holds PATH."""
+    preset_dir = constants.PRESETS.get(getattr(opts, "preset", None), {}).get("OUT_DIR")
+    resume = getattr(opts, "resume", None)
+    if "OUT_DIR" in given or preset_dir:
+        return Path(given.get("OUT_DIR", preset_dir))
+    if isinstance(resume, str) and Path(resume).parent.name == "Models":
+        return Path(resume).parent.parent
+    return Path(constants.OUT_DIR)
+
+
+def remove_temporary(models):
+    """Unfinished temporary files of a run that was killed while writing a checkpoint."""
+    for tmp in Path(models).glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------
+# A fresh run
+# ---------------------------------------------------------------------------------------
+def earlier_run(models, overwrite):
+    """The checkpoints another run left in Models/: a UserError unless --overwrite."""
+    earlier = run_checkpoints(models)
+    if earlier and not overwrite:
+        raise UserError(f"{models} holds another run's checkpoints ({earlier[-1].name}): continue that run with "
+                        "--resume, or start this one with another --out-dir (or --overwrite to delete them)")
+    return earlier
+
+
+def clear_for_fresh_run(out, cfg, earlier):
+    """Delete what an earlier run left (--overwrite), and the logs of a run that left no checkpoint."""
+    if earlier:
+        remove_run(out, cfg)
+    for name in LOGS:
+        (out / name).unlink(missing_ok=True)
+
+
+def run_checkpoints(models):
+    """The checkpoints a run left in Models/ (best.pt last)."""
+    best = models / BEST_CHECKPOINT
+    return list_checkpoints(models) + ([best] if best.is_file() else [])
+
+
+def remove_run(out, cfg):
+    """--overwrite: delete the earlier run's checkpoints (superseded ones too), its logs, and the
+    sample grids, plots and metrics train.py wrote at this resolution."""
+    models, samples = out / "Models", out / "saved_examples" / f"{cfg.resolution}x{cfg.resolution}"
+    doomed = run_checkpoints(models) + [p for pattern in RUN_OUTPUTS for p in samples.glob(pattern)]
+    doomed += [out / name for name in LOGS if (out / name).is_file()]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    shutil.rmtree(models / SUPERSEDED, ignore_errors=True)
+    print(f"--overwrite: deleted {len(doomed)} files of the earlier run in {out}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------
+# A resumed run
+# ---------------------------------------------------------------------------------------
+def resume_checkpoint(models, resume):
+    """(state, path) to resume from: --resume PATH, or the newest readable checkpoint in Models/."""
+    if resume is True:
+        if not list_checkpoints(models):
+            raise UserError(f"--resume: no checkpoint in {models} (set --out-dir to the run's folder)")
+        return load_checkpoint(models, TRAINING_KEYS)
+    path = Path(resume)
+    if path.is_dir():
+        raise UserError(f"--resume {path} is a folder: give a checkpoint file, or use --resume --out-dir FOLDER "
+                        "for the newest checkpoint of the run in FOLDER")
+    state, path = load_checkpoint(path, TRAINING_KEYS)
+    if path.resolve().parent != models.resolve() and run_checkpoints(models):
+        raise UserError(f"{models} holds another run's checkpoints: resume {path} with another --out-dir")
+    return state, path
+
+
+def supersede_newer(out, step, nimg):
+    """Move what the run wrote after the checkpoint it resumes from to Models/superseded/<time>/: the
+    checkpoints newer than `step` (unreadable ones passed over, or the later branch when resuming an
+    older checkpoint, best.pt included), and the logs, whose lines up to `nimg` images stay in OUT_DIR.
+    The run never mixes them with its own, and nothing is deleted."""
+    models = out / "Models"
+    newer = [p for p in list_checkpoints(models) if checkpoint_step(p) > step]
+    best = models / BEST_CHECKPOINT
+    if newer and best.is_file() and best_step(best) > step:
+        newer.append(best)
+    logs = {out / name: read_jsonl(out / name) for name in LOGS if (out / name).is_file()}
+    logs = {path: lines for path, lines in logs.items() if any(line.get("nimg", 0) > nimg for line in lines)}
+    if not newer and not logs:
+        return
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+    while (folder := models / SUPERSEDED / (stamp + (f"-{n}" if n else ""))).exists():
+        n += 1
+    folder.mkdir(parents=True)
+    for p in newer + list(logs):
+        os.replace(p, folder / p.name)
+    for path, lines in logs.items():
+        for line in lines:
+            if line.get("nimg", 0) <= nimg:
+                append_jsonl(line, path)
+    print(f"moved {len(newer)} checkpoint(s) newer than step {step}" + (" and the later lines of "
+          + ", ".join(p.name for p in logs) if logs else "") + f" to {folder}", file=sys.stderr)
+
+
+def best_step(path):
+    """The step of best.pt (one that cannot be read counts as newer than any)."""
+    try:
+        return read_checkpoint(path)["step"]
+    except (UserError, KeyError, TypeError):
+        return math.inf
+
+
+# ---------------------------------------------------------------------------------------
+# The lock: one run writes to a folder at a time
+# ---------------------------------------------------------------------------------------
+class RunLock:
+    """OUT_DIR/Models/train.lock, held while one train.py run writes there. A second run into the
+    folder stops with a UserError naming the owner; a lock left by a process that died is taken
+    over, with a line saying so. The kernel's flock (released when its process dies) decides where
+    the file system has it; elsewhere the PID recorded in the file, checked on this host."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / LOCK_FILE
+        self.fd, self.created = None, False
+
+    def __enter__(self):
+        me = f"{os.getpid()} {socket.gethostname()}"
+        try:
+            self.created = not self.path.parent.exists()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {self.path.parent} ({e.strerror})") from None
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                held, owner = _try_flock(fd), os.read(fd, 4096).decode(errors="replace").split()
+                if held is False or (held is None and _owner_alive(owner)):
+                    pid, host = (owner + ["?", "?"])[:2]
+                    raise UserError(f"another training run (PID {pid} on {host}) is writing to {self.path.parent}: "
+                                    f"let it finish, or use another --out-dir (if no run is writing there, "
+                                    f"delete {self.path})")
+                if _same_file(fd, self.path):  # not unlinked by an owner that was releasing it
+                    self.fd = fd
+            finally:
+                if self.fd is None:
+                    os.close(fd)
+        if owner and owner[0] != str(os.getpid()):
+            pid, host = (owner + ["?"])[:2]
+            print(f"taking over {self.path}, left by PID {pid} on {host}, which is no longer running", file=sys.stderr)
+        os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        os.write(self.fd, f"{me}\n".encode())
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+        if self.created and not any(self.path.parent.iterdir()):  # a run that stopped before writing
+            self.path.parent.rmdir()
+
+
+def _try_flock(fd):
+    """True: this process now holds the flock of `fd`; False: another process does; None: no flock here."""
+    try:
+        import fcntl
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        return False
+    except (ImportError, OSError):  # Windows, or a file system without flock (some NFS, Lustre mounts)
+        return None
+    return True
+
+
+def _owner_alive(owner):
+    """Whether the process recorded in a lock file (["PID", "HOST"]) may still run: unknown hosts and
+    systems count as alive."""
+    if len(owner) < 2 or not owner[0].isdigit():
+        return False
+    if owner[1] != socket.gethostname() or os.name != "posix":
+        return True
+    try:
+        os.kill(int(owner[0]), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, but another user's
+        return True
+    return True
+
+
+def _same_file(fd, path):
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
