@@ -1,6 +1,7 @@
 """Checkpoints: the one format (built here for training runs and for networks converted from
 elsewhere, its version checked on reading), atomic writes, safe reads (weights_only: nothing in a
 file runs), the newest readable checkpoint of a folder, pruning, and the networks of a checkpoint."""
+import hashlib
 import os
 import pickle
 import re
@@ -19,6 +20,7 @@ CHECKPOINT_GLOB = "checkpoint_*.pt"
 CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)\.pt")
 BEST_CHECKPOINT = "best.pt"
 CHECKPOINT_KEYS = ("G_ema", "model_args", "config", "class_names", "step", "nimg", "history")  # to generate
+CHECKSUM = "checksum"  # the key of the content checksum in a checkpoint file
 TRAINING_KEYS = CHECKPOINT_KEYS + ("G", "D", "opt_G", "opt_D", "epoch", "epoch_nimg", "pl_mean", "rng")  # to resume
 
 
@@ -51,11 +53,44 @@ def list_checkpoints(models_dir):
     return sorted(found, key=checkpoint_step)
 
 
+def content_checksum(obj):
+    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes and every other value's
+    repr, dictionaries in key order. Stored in the file by save_checkpoint and checked by
+    read_checkpoint, so that damage inside the tensors (which torch.load does not notice) is found."""
+    digest = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T{t.dtype}{tuple(x.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            digest.update(b"{")
+            for key in sorted(x, key=repr):
+                digest.update(repr(key).encode())
+                feed(x[key])
+            digest.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            digest.update(b"[" if isinstance(x, list) else b"(")
+            for v in x:
+                feed(v)
+            digest.update(b"]")
+        else:
+            digest.update(repr(x).encode())
+
+    feed(obj)
+    return digest.hexdigest()
+
+
 def save_checkpoint(state, path):
-    """Write `state` to a temporary file of this process's own, fsync, then rename it over `path`.
-    A failed write (disk full, no permission, ...) removes the temporary file, leaves `path` and
-    every other file as they were, and raises a UserError naming the path and the OS's reason."""
+    """Write `state` (with its content checksum) to a temporary file of this process's own, fsync, then
+    rename it over `path`. A failed write (disk full, no permission, ...) removes the temporary file,
+    leaves `path` and every other file as they were, and raises a UserError naming the path and the
+    OS's reason."""
     path = Path(path)
+    if isinstance(state, dict):
+        state = {k: v for k, v in state.items() if k != CHECKSUM}
+        state[CHECKSUM] = content_checksum(state)
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,13 +173,14 @@ def file_format(path, foreign="is not a PyTorch checkpoint"):
 
 
 def read_checkpoint(path):
-    """Load one checkpoint file with weights_only=True, so nothing in it runs; a file that is not a
-    readable PyTorch checkpoint of tensors and plain data is a UserError saying what it is not."""
+    """Load one checkpoint file with weights_only=True, so nothing in it runs, and verify its content
+    checksum when it has one; a file that is not a readable PyTorch checkpoint of tensors and plain
+    data, or is damaged, is a UserError saying so."""
     zipped = file_format(path) == "zip"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pickle-protocol notes of the weights-only unpickler
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():
             raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)})") from None
@@ -157,6 +193,11 @@ def read_checkpoint(path):
         reason = _first_line(e)
         raise UserError(f"{path} is not a readable PyTorch checkpoint"
                         + ("" if "weights_only" in reason else f" ({reason})")) from None
+    if isinstance(state, dict) and CHECKSUM in state:  # written by save_checkpoint: verify it
+        stored = state.pop(CHECKSUM)
+        if content_checksum(state) != stored:
+            raise UserError(f"{path} is damaged: its contents differ from the checksum written with them")
+    return state
 
 
 def check_checkpoint(state, path, need=CHECKPOINT_KEYS):
@@ -226,11 +267,17 @@ def load_generator(state, device):
 
 
 def load_discriminator(state, device):
-    """The discriminator of a checkpoint, in eval mode (its features are the projector's perceptual space)."""
-    return load_network(Discriminator, state, "D", state["model_args"]["D"]).to(device)
+    """The discriminator of a checkpoint, in eval mode (its features are the projector's perceptual
+    space), at the checkpoint's growth level like its generator."""
+    D = load_network(Discriminator, state, "D", state["model_args"]["D"])
+    D.level = checkpoint_growth_level(state)
+    return D.to(device)
 
 
 def checkpoint_growth_level(state):
     """The growth level a checkpoint was trained at (None: not progressive, or fully grown)."""
     cfg = checkpoint_settings(state)
-    return growth_level(state["nimg"], cfg.progressive_kimg, cfg.resolution) if cfg.progressive else None
+    if not cfg.progressive:
+        return None
+    return growth_level(state["nimg"], cfg.progressive_kimg, cfg.resolution, cfg.progressive_start,
+                        cfg.progressive_hold_kimg)

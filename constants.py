@@ -27,6 +27,7 @@ MAPPING_LAYERS = 8  # fully connected layers in the mapping network
 MAPPING_LR_MULT = 0.01  # learning-rate multiplier of the mapping network
 CHANNEL_BASE = 16384  # feature maps at resolution r are min(CHANNEL_BASE // r, CHANNEL_MAX)
 CHANNEL_MAX = 256  # most feature maps in any layer
+CHANNEL_MIN = 0  # fewest feature maps in any layer (0: no floor; e.g. 16 keeps the highest resolutions wide enough)
 CONDITIONAL = False  # condition G (class embedding) and D (projection) on the class label
 MBSTD_GROUP = 4  # minibatch standard-deviation group size in D
 STYLE_MIXING_PROB = 0.9  # probability of mixing two latents in a training batch
@@ -89,6 +90,8 @@ ADA_INTERVAL = 4  # ada: iterations between adjustments of p
 ADA_KIMG = 100.0  # ada: thousands of images for p to move from 0 to 1 at most (StyleGAN2-ADA: 500, for longer runs)
 PROGRESSIVE = False  # progressive training: start at 4x4 and fade in each higher resolution
 PROGRESSIVE_KIMG = 100.0  # progressive: thousands of images per resolution (half fading it in, half at full weight)
+PROGRESSIVE_START = 4  # progressive: the resolution training starts at (a power of two)
+PROGRESSIVE_HOLD_KIMG = 0.0  # progressive: thousands of images at PROGRESSIVE_START before the next resolution
 
 # --- speed and several processes (torchrun --nproc_per_node=N train.py ...) ------------
 AMP = True  # CUDA: bf16 autocast of the G and D forward passes (penalties stay float32); no effect on CPU
@@ -203,7 +206,8 @@ RANGES = {  # inclusive (low, high); None: unbounded
     "EVALUATE_CAS_EPOCHS": (1, None), "EVALUATE_TRUNCATION": (0, 10), "EVALUATE_SEED": (0, 2**63 - 1),
     "EVALUATE_BATCH": (1, None), "ROTATE": (0, 180), "JITTER": (0, 1),
     "AUGMENT_P": (0, 1), "ADA_TARGET": (0, 1), "ADA_INTERVAL": (1, None), "ADA_KIMG": (1e-6, None),
-    "PROGRESSIVE_KIMG": (1e-6, None), "CONV_CLAMP": (0, None), "FREEZE_D": (0, None),
+    "PROGRESSIVE_KIMG": (1e-6, None), "PROGRESSIVE_START": (4, None), "PROGRESSIVE_HOLD_KIMG": (0, None),
+    "CHANNEL_MIN": (0, None), "CONV_CLAMP": (0, None), "FREEZE_D": (0, None),
 }
 
 # --- presets: --preset NAME applies these before the flags ----------------------------
@@ -216,6 +220,14 @@ PRESETS = {
                  MAPPING_LAYERS=2, BATCH_SIZE=8, EPOCHS=11, SAMPLE_EVERY=1, CHECKPOINT_EVERY=1,
                  LOSS="logistic", R1_GAMMA=4.0, G_LR=0.01, D_LR=0.01, PL_WEIGHT=0.0,
                  STYLE_MIXING_PROB=0.0, MODE_SEEKING=0.05, EVAL_EVERY=6),
+    # The built-in demo set at 256x256 in an hour on a CPU: the demo preset's model and recipe at
+    # 64x64 for the quick start's 26,400 images, then growing to 128x128 and 256x256 (--progressive),
+    # the highest resolutions 16 feature maps wide.
+    "demo256": dict(DATA_ROOT=DEMO_ROOT, RESOLUTION=256, CHANNEL_BASE=1024, CHANNEL_MAX=64, CHANNEL_MIN=16,
+                    Z_DIM=64, W_DIM=64, MAPPING_LAYERS=2, BATCH_SIZE=8, LOSS="logistic", R1_GAMMA=4.0,
+                    G_LR=0.01, D_LR=0.01, PL_WEIGHT=0.0, STYLE_MIXING_PROB=0.0, MODE_SEEKING=0.05,
+                    PROGRESSIVE=True, PROGRESSIVE_START=64, PROGRESSIVE_HOLD_KIMG=26.4, PROGRESSIVE_KIMG=8.0,
+                    KIMG=52.0, SNAPSHOT_KIMG=8.0, EVAL_EVERY=1),
     # The ADNI course setup at 256x256: z = w = 256, 8 mapping layers, WGAN-GP every step,
     # path length every 16 batches, cyclic learning rate, resize + vertical flips.
     "adni256": dict(RESOLUTION=256, RESIZE_MODE="resize", VFLIP=True, HFLIP=False, Z_DIM=256, W_DIM=256,

@@ -7,6 +7,7 @@ grayscale, padded to square (or stretched) and resized, and kept as a uint8 tens
 a CUDA device, in GPU memory when it fits).
 Random flips and the conversion to [-1, 1] happen on the training device, per batch.
 The built-in demo data set is built by demo_data.py on first use."""
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from settings import UserError, check_slice_range, flag_of
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 SPLIT_NAMES = ("train", "test")  # a folder holding either is in the ADNI layout: its splits must be named
 VOLUME_SUFFIXES = (".nii", ".nii.gz")  # NIfTI volumes; ".nii.gz" is two suffixes, so match the name's end
+MIN_IMAGE_SIDE = 16  # pixels: a smaller image holds no anatomy worth resizing into a slice
 
 
 def is_volume_name(path):
@@ -30,8 +32,9 @@ def is_volume_name(path):
 
 
 def is_image_file(path):
-    """An image or a NIfTI volume (the files the loader reads), not hidden."""
-    return (path.is_file() and not path.name.startswith(".")
+    """An image or a NIfTI volume (the files the loader reads, and links to them, also broken ones), not
+    hidden."""
+    return ((path.is_file() or path.is_symlink()) and not path.is_dir() and not path.name.startswith(".")
             and (path.suffix.lower() in IMAGE_EXTENSIONS or is_volume_name(path)))
 
 
@@ -98,12 +101,20 @@ def _scan(top):
 
 
 def load_image(path, resolution, mode="L", resize_mode="pad"):
-    """Decode one image to a (C, R, R) uint8 array: grayscale (or RGB), square, resized."""
+    """Decode one image to a (C, R, R) uint8 array: grayscale (or RGB), square, resized. Images smaller
+    than MIN_IMAGE_SIDE on a side, and float images without a finite pixel, are refused."""
     with Image.open(path) as img:
         img.load()
+        if min(img.size) < MIN_IMAGE_SIDE:
+            raise ValueError(f"{img.width}x{img.height} pixels, smaller than the smallest slice read "
+                             f"({MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE})")
         if img.mode in ("I;16", "I;16B", "I", "F"):  # 16-bit or float slices: rescale to 0..255
             arr = np.asarray(img, dtype=np.float64)
-            arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1e-12) * 255
+            finite = np.isfinite(arr)
+            if not finite.any():
+                raise ValueError("no pixel holds a finite value (all NaN or infinite)")
+            lo, hi = arr[finite].min(), arr[finite].max()
+            arr = (np.where(finite, arr, lo) - lo) / max(hi - lo, 1e-12) * 255
             img = Image.fromarray(arr.round().astype(np.uint8))
         img = img.convert(mode)
     return fit_image(img, resolution, resize_mode)
@@ -140,7 +151,10 @@ def normalise_volume(data):
     """(uint8 volume, brain mask): intensities clipped to the 1st..99.5th percentile of the non-zero
     voxels and scaled to 0..255; brain = voxels brighter than BRAIN_LEVEL of the upper percentile
     (skull-stripped volumes: the non-zero voxels; raw ones: not the background noise)."""
-    data = np.nan_to_num(np.asarray(data, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    data = np.asarray(data, dtype=np.float32)
+    if not np.isfinite(data).any():
+        raise ValueError("no voxel holds a finite value (all NaN or infinite)")
+    data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
     nonzero = data[data != 0]
     if nonzero.size == 0:
         raise ValueError("the volume is empty (all voxels are zero)")
@@ -226,6 +240,8 @@ def load_dataset(root, splits, resolution, mode="L", resize_mode="pad", skip_bad
         _nibabel()  # missing nibabel is a setup problem, not a corrupt file
 
     def decode(path):
+        if path.is_symlink() and not path.exists():
+            return f"a link to a missing file, {os.readlink(path)}"
         try:
             if is_volume_name(path):
                 return load_volume(path, resolution, mode, resize_mode, slice_range)

@@ -23,10 +23,10 @@ from pathlib import Path
 from checkpoints import CHECKPOINT_KEYS, load_checkpoint, load_discriminator, load_generator
 from dataset import load_slices, to_model_range
 from distributed import resolve_device
-from metrics import Evaluator, classification_scores, heldout_slices, load_inception, sample_images
+from metrics import MEMO_SIZE, Evaluator, classification_scores, heldout_slices, load_inception, sample_images
 from ops import use_fast_kernels
 from settings import UserError, checkpoint_settings, command, parse_settings, resolve_settings, writable_file
-from utils import save_json
+from utils import save_json, save_text
 
 # ---------------------------------------------------------------------------------------
 # Report
@@ -64,9 +64,14 @@ DESCRIPTIONS = {
 }
 
 
+FEATURE_SPACES = {"inception": "Inception-v3's 2048 pool features", "pixels16": "16x16 thumbnails (no weights)"}
+
+
 def describe(key):
-    if key.startswith("swd_") and key[4:].isdigit():
-        return f"SWD x1e3 at the {key[4:]}x{key[4:]} pyramid level"
+    level = key.removeprefix("swd_").removesuffix("_heldout")
+    if key.startswith("swd_") and level.isdigit():
+        return (f"SWD x1e3 at the {level}x{level} pyramid level"
+                + (" of the held-out real slices" if key.endswith("_heldout") else ""))
     return DESCRIPTIONS.get(key, "")
 
 
@@ -78,6 +83,8 @@ def markdown_table(results):
     for name, scores in results.get("cas", {}).items():
         rows.append(f"| CAS, trained on {name} | accuracy {scores['accuracy']:.3f}, AUC {scores['auc']:.3f} | "
                     f"ResNet-18 trained on {name} slices, tested on the real test split |")
+    rows += ["", f"Precision, recall and knn_ratio in {FEATURE_SPACES[results['features']]}; the memorisation "
+             f"audit in pixels at up to {MEMO_SIZE}x{MEMO_SIZE} (and in D's features: _d)."]
     return "\n".join(rows) + "\n"
 
 
@@ -103,12 +110,12 @@ def evaluate(cfg):
     """Every figure for one checkpoint, as a flat dict (the JSON written by main)."""
     device = resolve_device(cfg.device)
     use_fast_kernels(device)
+    inception = load_inception(cfg.inception_weights, device)  # before any other work: a bad file is one line
     state, path = load_checkpoint(cfg.checkpoint, CHECKPOINT_KEYS + ("D",))
     train_cfg = checkpoint_settings(state, cfg.data_root, cfg.skip_bad_images)
     G, D = load_generator(state, device), load_discriminator(state, device)
     data = load_slices(train_cfg)
     cas = cas_data(cfg, train_cfg, G, data, device) if cfg.cas else None
-    inception = load_inception(cfg.inception_weights, device)
     heldout = heldout_slices(train_cfg, data)
     evaluator = Evaluator(data.images, data.labels, cfg.n, cfg.seed, inception, cfg.batch, heldout)
     metrics = evaluator(G, device, cfg.truncation, D)
@@ -131,7 +138,7 @@ def main(argv=None):
     table = markdown_table(results)
     out = Path(cfg.out)
     save_json(results, out)
-    out.with_suffix(".md").write_text(table)
+    save_text(table, out.with_suffix(".md"))
     print(f"{results['checkpoint']} (step {results['step']}), {results['n']} generated vs {results['n']} real "
           f"images from {results['data_root']}:\n{table}written {out} and {out.with_suffix('.md')}")
     return 0

@@ -24,12 +24,14 @@ import deps  # noqa: F401  (first: stops with one line when this Python lacks a 
 
 # isort: split
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from checkpoints import CHECKPOINT_KEYS, load_checkpoint, load_discriminator, load_generator
 from constants import RANGES
@@ -52,6 +54,7 @@ from utils import (
     plot_metrics,
     pyplot,
     read_jsonl,
+    save_array,
     save_figure,
     save_gif,
     save_grid,
@@ -61,6 +64,7 @@ from utils import (
     stats_history,
 )
 
+GRID_MAX = 64  # images in --mode samples' grid.png
 NEED_D = ("project", "tsne")  # modes that use the checkpoint's discriminator (tsne: with --data-root)
 CLASS_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")
 
@@ -82,8 +86,8 @@ def parse_numbers(text, kind, flag, high=INT64_MAX):
 
 
 def parse_seeds(text, default=(), flag="--seeds"):
-    """Seeds from a comma list; `default` when empty."""
-    return parse_numbers(text, int, flag) if text else list(default)
+    """Seeds from a comma list; `default` (a range stays a range: --n can be large) when empty."""
+    return parse_numbers(text, int, flag) if text else (default if isinstance(default, range) else list(default))
 
 
 def class_index(state, label):
@@ -97,13 +101,14 @@ def class_index(state, label):
     return names.index(label)
 
 
-def labels_for(state, label, count):
-    """Class indices for `count` images: --label, or alternating classes; None when unconditional."""
+def labels_for(state, label, count, start=0):
+    """Class indices for images start..start+count-1: --label, or alternating classes; None when
+    unconditional."""
     if label:
         return torch.full([count], class_index(state, label), dtype=torch.long)
     if not state["model_args"]["G"]["num_classes"]:
         return None
-    return torch.arange(count) % len(state["class_names"])
+    return torch.arange(start, start + count) % len(state["class_names"])
 
 
 def require_classes(G, what):
@@ -131,21 +136,41 @@ def latents_file(path, z_dim):
 
 
 def run_samples(cfg, state, G, device, out):
+    """seedNNNN.png (or zNNNN.png for --z-file) per image, written a batch at a time as they are drawn
+    (memory bounded by --batch, however large --n), grid.png of the first GRID_MAX, losses.png."""
     if cfg.z_file:
-        z = latents_file(cfg.z_file, G.z_dim)
-        names = [f"z{i:04d}" for i in range(len(z))]
+        z_all = latents_file(cfg.z_file, G.z_dim)
+        count, names = len(z_all), lambda i: f"z{i:04d}"
     else:
         seeds = parse_seeds(cfg.seeds, range(cfg.n))
-        z, names = seed_latents(seeds, G.z_dim), [f"seed{seed:04d}" for seed in seeds]
-    labels = labels_for(state, cfg.label, len(z))
-    images = images_from_latents(G, z, labels, cfg.truncation, cfg.noise_mode, cfg.batch, device)
-    classes = state["class_names"]
-    for i, (name, image) in enumerate(zip(names, images)):
-        suffix = f"_{classes[labels[i]]}" if labels is not None else ""
-        save_image(image, out / f"{name}{suffix}.png")
-    save_grid(images, out / "grid.png", ncol=8)
+        count, names = len(seeds), lambda i: f"seed{seeds[i]:04d}"
+    classes, shown = state["class_names"], []
+    batches = range(0, count, cfg.batch)
+    for start in tqdm(batches, desc="images", unit="batch", disable=len(batches) < 4, file=sys.stdout):
+        stop = min(start + cfg.batch, count)
+        z = z_all[start:stop] if cfg.z_file else seed_latents(seeds[start:stop], G.z_dim)
+        labels = labels_for(state, cfg.label, stop - start, start)
+        images = images_from_latents(G, z, labels, cfg.truncation, cfg.noise_mode, cfg.batch, device)
+        paths = [out / (names(start + i) + (f"_{classes[labels[i]]}" if labels is not None else "") + ".png")
+                 for i in range(len(images))]
+        for image, path in zip(images, paths):
+            save_image(image, path)
+        shown.extend(images[:max(GRID_MAX - len(shown), 0)])
+        if start == 0:
+            check_room(out, count - stop, paths)
+    save_grid(torch.stack(shown), out / "grid.png", ncol=8)
     plot_losses(state["history"], out / "losses.png")
-    return f"{len(z)} images (truncation {cfg.truncation})"
+    return f"{count} images (truncation {cfg.truncation})"
+
+
+def check_room(out, left, written):
+    """After the first batch: a UserError when `left` more images like the `written` ones would not fit
+    on the disk of `out`."""
+    need = sum(p.stat().st_size for p in written) / len(written) * left * 1.05
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise UserError(f"--n: the {left} images still to write need about {need / 2**30:.1f} GB and {out} has "
+                        f"{free / 2**30:.1f} GB free (lower --n, or free space)")
 
 
 def truncation_grid(cfg, state, G, device, seeds):
@@ -342,8 +367,8 @@ def run_project(cfg, state, G, device, out):
     save_grid(steps, f"{stem}_steps.png", ncol=len(steps))
     save_gif(torch.stack([torch.cat([s, target]) for s in result["snapshots"]]), f"{stem}_steps.gif", ncol=2)
     w = result["ws"][0, 0] if cfg.project_space == "w" else result["ws"][0]
-    np.save(f"{stem}_w.npy", w.numpy())
-    np.savez(f"{stem}_noise.npz", *[m[0, 0].numpy() for m in result["noise"]])
+    save_array(f"{stem}_w.npy", w.numpy())
+    save_array(f"{stem}_noise.npz", *[m[0, 0].numpy() for m in result["noise"]])
     report = dict(target=str(cfg.target), space=cfg.project_space, steps=cfg.project_steps, psnr_db=psnr, ssim=ssim,
                   pixel_mse_start=float(result["pixel_start"][0]), pixel_mse_end=float(result["pixel_end"][0]))
     save_json(report, f"{stem}_projection.json")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 from tqdm import tqdm
 
+from checkpoints import read_checkpoint
 from dataset import load_slices, to_model_range
 from ops import thumbnails
 from sampling import images_from_latents
@@ -244,7 +245,7 @@ def pixel_features(images, size=16):
 # ---------------------------------------------------------------------------------------
 # Memorisation: are generated slices copies of training slices?
 # ---------------------------------------------------------------------------------------
-MEMO_SIZE = 64  # images are compared at most 64x64 (area-averaged): pixel space, small enough to search
+MEMO_SIZE = 256  # images are compared at their size up to 256x256 (area-averaged above): pixel space
 MEMO_PAIRS = 8  # closest generated/training pairs in memorisation.png
 
 
@@ -414,10 +415,9 @@ class FIDInceptionV3(Inception3):
 def load_fid_inception(path):
     """FIDInceptionV3 with the weights file at `path` (strict); any problem is a one-line UserError."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file raises many types
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
-        raise UserError(f"--inception-weights: cannot read {path}: {reason}") from None
+        state = read_checkpoint(path)  # weights_only: nothing in the file runs
+    except UserError as e:
+        raise UserError(f"--inception-weights: {e}") from None
     model = FIDInceptionV3()
     if not isinstance(state, dict):
         raise UserError(f"--inception-weights: {path} is not a state dict ({FID_WEIGHTS_FILE} is)")
@@ -530,14 +530,16 @@ class Evaluator:
     def reference_figures(self, images):
         """How real slices of unseen subjects score against the training slices: what a generator
         of new subjects (not copies) can reach, at the held-out set's size (keys ending _heldout)."""
-        figures = dict(swd_heldout=swd(self.real_desc, swd_descriptors(images, self.seed), self.resolution,
-                                       self.seed)["swd"], ms_ssim_heldout=mean_pair_ms_ssim(images, self.seed))
+        levels = swd(self.real_desc, swd_descriptors(images, self.seed), self.resolution, self.seed)
+        figures = {f"{key}_heldout": value for key, value in levels.items()}  # swd_heldout, swd_R_heldout
+        figures["ms_ssim_heldout"] = mean_pair_ms_ssim(images, self.seed)
         figures["precision_heldout"], figures["recall_heldout"] = precision_recall(self.real_features,
                                                                                    self.features(images))
         return figures
 
     @property
     def feature_space(self):
+        """The space of precision, recall and knn_ratio: Inception-v3's pool features, or 16x16 thumbnails."""
         return "inception" if self.inception is not None else "pixels16"
 
     def features(self, images):

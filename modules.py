@@ -63,9 +63,9 @@ def _border_norm(size, device, dtype):
     return 8 / inside
 
 
-def channels_at(res, channel_base, channel_max):
-    """Feature maps at resolution `res`."""
-    return min(channel_base // res, channel_max)
+def channels_at(res, channel_base, channel_max, channel_min=0):
+    """Feature maps at resolution `res`: channel_base // res, at most channel_max, at least channel_min."""
+    return max(min(channel_base // res, channel_max), channel_min)
 
 
 class EqualLinear(nn.Module):
@@ -337,9 +337,9 @@ class SynthesisNetwork(nn.Module):
     SynthesisBlock and StyledLayer."""
 
     def __init__(self, w_dim, resolution, img_channels, channel_base, channel_max, attention_res=0,
-                 style_op="modconv", resample="bilinear", clamp=0.0):
+                 style_op="modconv", resample="bilinear", clamp=0.0, channel_min=0):
         super().__init__()
-        ch = lambda r: channels_at(r, channel_base, channel_max)  # noqa: E731
+        ch = lambda r: channels_at(r, channel_base, channel_max, channel_min)  # noqa: E731
         self.const = nn.Parameter(torch.randn(ch(4), 4, 4))
         self.conv = StyledLayer(ch(4), ch(4), w_dim, 4, style_op=style_op, clamp=clamp)
         self.to_img = ToImage(ch(4), img_channels, w_dim, clamp)
@@ -352,7 +352,8 @@ class SynthesisNetwork(nn.Module):
         self.num_ws = 2 + 2 * len(self.blocks)
         self.level = None
 
-    def forward(self, ws, noise_mode="random"):  # ws (N, num_ws, w_dim) -> (N, C, R, R)
+    def forward(self, ws, noise_mode="random", full_size=True):  # ws (N, num_ws, w_dim) -> (N, C, R, R)
+        """`full_size` False: a growing generator's image at the resolution its level has reached."""
         x = self.const[None].expand(ws.shape[0], -1, -1, -1)
         x = self.conv(x, ws[:, 0], noise_mode)
         img = self.to_img(x, ws[:, 1])
@@ -363,7 +364,7 @@ class SynthesisNetwork(nn.Module):
             x, img = block(x, img, ws[:, 1 + 2 * i:4 + 2 * i], noise_mode, weight)
             if res == self.attention_res:
                 x = self.attention(x)
-        while img.shape[-1] < self.resolutions[-1]:  # a growing generator: up to the output size
+        while full_size and img.shape[-1] < self.resolutions[-1]:  # a growing generator: up to the output size
             img = upsample2x(img, self.resample)
         return img
 
@@ -373,12 +374,12 @@ class Generator(nn.Module):
 
     def __init__(self, z_dim, w_dim, mapping_layers, resolution, img_channels, num_classes=0,
                  channel_base=16384, channel_max=256, mapping_lr_mult=0.01, w_avg_beta=0.995, attention_res=0,
-                 style_op="modconv", resample="bilinear", conv_clamp=0.0):
+                 style_op="modconv", resample="bilinear", conv_clamp=0.0, channel_min=0):
         super().__init__()
         self.z_dim, self.num_classes = z_dim, num_classes
         self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, num_classes, mapping_lr_mult, w_avg_beta)
         self.synthesis = SynthesisNetwork(w_dim, resolution, img_channels, channel_base, channel_max, attention_res,
-                                          style_op, resample, conv_clamp)
+                                          style_op, resample, conv_clamp, channel_min)
         self.num_ws = self.synthesis.num_ws
 
     def make_ws(self, z, labels=None, truncation=1.0, mixing_prob=0.0, update_w_avg=False):
@@ -397,34 +398,35 @@ class Generator(nn.Module):
         return self.synthesis(ws, noise_mode)  # (N, C, R, R)
 
 
-def growth_level(nimg, kimg, resolution):
-    """Progressive training's level after `nimg` images (None once every resolution is in): each
-    resolution above 4x4 takes `kimg` thousand images, the first half at the level below, the
-    second half fading in (level k-1 -> k); level k shows resolutions up to 4 * 2^k."""
-    top = int(math.log2(resolution)) - 2
-    t = nimg / (kimg * 1000)
+def growth_level(nimg, kimg, resolution, start=4, hold_kimg=0.0):
+    """Progressive training's level after `nimg` images (None once every resolution is in); level k
+    shows resolutions up to 4 * 2^k. Growth starts at resolution `start`, stays there for
+    `hold_kimg` thousand images, then each higher resolution takes `kimg` thousand images: the
+    first half at the level below, the second half fading in (level k-1 -> k)."""
+    top, first = int(math.log2(resolution)) - 2, int(math.log2(start)) - 2
+    t = max(nimg - hold_kimg * 1000, 0) / (kimg * 1000)
     stage = math.floor(t)
-    level = stage + min(max(2 * (t - stage) - 1, 0.0), 1.0)
+    level = first + stage + min(max(2 * (t - stage) - 1, 0.0), 1.0)
     return None if level >= top else level
 
 
-def at_growth_level(img, level):  # (N, C, R, R) -> (N, C, R, R)
-    """Real images as a growing generator at `level` draws them: down-sampled to 4 * 2^floor(level),
-    blended toward the next resolution by the fraction of level, and up-sampled back to R."""
+def at_growth_level(img, level, full_size=True):  # (N, C, R, R) -> (N, C, R, R) or (N, C, r, r)
+    """Real images as a growing generator at `level` draws them: down-sampled to 4 * 2^floor(level)
+    and blended toward the next resolution by the fraction of level; up-sampled back to R when
+    `full_size`, else at the level's own resolution (4 * 2^ceil(level))."""
     top = int(math.log2(img.shape[-1])) - 2
     if level is None or level >= top:
         return img
-
-    def at(k):  # the image at 4 * 2^k, up-sampled back like the skip generator's outputs
-        x = img
-        for _ in range(top - k):
-            x = downsample2x(x)
-        for _ in range(top - k):
-            x = upsample2x(x)
-        return x
-
     low, fade = math.floor(level), level - math.floor(level)
-    return at(low) if fade == 0 else torch.lerp(at(low), at(low + 1), fade)
+    own = low + (fade > 0)
+    x = img
+    for _ in range(top - own):
+        x = downsample2x(x)
+    if fade > 0:
+        x = torch.lerp(upsample2x(downsample2x(x)), x, fade)
+    for _ in range(top - own if full_size else 0):
+        x = upsample2x(x)
+    return x
 
 
 class MinibatchStdDev(nn.Module):
@@ -474,18 +476,30 @@ def apply_spectral_norm(module):
 
 class Discriminator(nn.Module):
     """Image -> score: from-image 1x1 conv, residual blocks down to 4x4, minibatch std, conv, FC;
-    conditional models add a projection of the class embedding onto the final features."""
+    conditional models add a projection of the class embedding onto the final features.
+
+    A growing discriminator (`grow`, progressive training) also has a from-image conv at every lower
+    resolution: at growth level `level` it takes images at that level's resolution, and while a
+    resolution fades in, blends its block's output with the from-image features of the image
+    down-sampled (ProGAN)."""
 
     def __init__(self, resolution, img_channels, num_classes=0, channel_base=16384, channel_max=256, mbstd_group=4,
-                 spectral_norm=False, attention_res=0, resample="bilinear", conv_clamp=0.0):
+                 spectral_norm=False, attention_res=0, resample="bilinear", conv_clamp=0.0, channel_min=0,
+                 grow=False):
         super().__init__()
-        ch = lambda r: channels_at(r, channel_base, channel_max)  # noqa: E731
-        self.num_classes = num_classes
+        ch = lambda r: channels_at(r, channel_base, channel_max, channel_min)  # noqa: E731
+        self.num_classes, self.resolution = num_classes, resolution
         self.from_img = EqualConv2d(img_channels, ch(resolution), 1, clamp=conv_clamp)
         resolutions = [2**i for i in range(int(math.log2(resolution)), 2, -1)]
         self.blocks = nn.Sequential(*[layer for r in resolutions for layer in  # attention before that block
                                       ([SelfAttention(ch(r))] if r == attention_res else []) +
                                       [DiscriminatorBlock(ch(r), ch(r // 2), resample, conv_clamp)]])
+        starts = [i for i, m in enumerate(self.blocks)
+                  if i == 0 or isinstance(self.blocks[i - 1], DiscriminatorBlock)]
+        self.starts = dict(zip(resolutions + [4], starts + [len(self.blocks)]))  # res -> its first layer
+        self.from_img_low = nn.ModuleDict({str(r): EqualConv2d(img_channels, ch(r), 1, clamp=conv_clamp)
+                                           for r in resolutions[1:] + [4]}) if grow else None
+        self.level = None
         self.mbstd = MinibatchStdDev(mbstd_group)
         self.conv = EqualConv2d(ch(4) + 1, ch(4), 3, clamp=conv_clamp)
         self.fc = EqualLinear(ch(4) * 16, ch(4), activation=True)
@@ -494,9 +508,23 @@ class Discriminator(nn.Module):
         if spectral_norm:
             apply_spectral_norm(self)
 
-    def features(self, img):  # (N, C, R, R) -> (N, ch(4), 4, 4)
-        """Each image's own features: the blocks' output, before the minibatch standard deviation."""
-        return self.blocks(self.from_img(img))
+    def from_image(self, img):  # (N, C, r, r) -> (N, ch(r), r, r)
+        r = img.shape[-1]
+        return self.from_img(img) if r == self.resolution else self.from_img_low[str(r)](img)
+
+    def features(self, img):  # (N, C, r, r) -> (N, ch(4), 4, 4)
+        """Each image's own features: the blocks' output, before the minibatch standard deviation.
+        Images below the full resolution (a growing D) enter at their resolution's block."""
+        if self.level is not None:  # larger images (full-size ones) are taken down to the level's resolution
+            while img.shape[-1] > 4 * 2 ** math.ceil(self.level):
+                img = downsample2x(img)
+        r = img.shape[-1]
+        x, first = self.from_image(img), self.starts[r]
+        fade = 1.0 if self.level is None else min(max(self.level - math.log2(r) + 3, 0.0), 1.0)
+        if fade < 1:  # the resolution fading in: blend with the image at half the resolution
+            first = self.starts[r // 2]
+            x = torch.lerp(self.from_image(downsample2x(img)), self.blocks[self.starts[r]:first](x), fade)
+        return self.blocks[first:](x)
 
     def forward(self, img, labels=None, batches=1):  # (N, C, R, R) -> (N,)
         """`batches`: img holds that many equal batches, scored as if one at a time (minibatch std)."""

@@ -78,13 +78,22 @@ def _rebuild_parameter(data, *_):
     return data
 
 
+class Refused(pickle.UnpicklingError):
+    """Something in a network pickle that would run code if it were loaded."""
+
+
 def _storage_from_bytes(data):
     """torch.storage._load_from_bytes, but with weights_only=True: a tensor storage and nothing else."""
     if not isinstance(data, bytes):
         raise pickle.UnpicklingError("a storage that is not bytes")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise Refused("a tensor storage that holds Python objects other than tensors") from None
+        raise
     if not isinstance(storage, torch.storage.TypedStorage):
         raise pickle.UnpicklingError("a storage record that holds something else")
     return storage
@@ -149,6 +158,8 @@ def read_network_pickle(path):
             return NetworkUnpickler(f, path).load()
     except UserError:
         raise
+    except Refused as e:
+        raise UserError(f"{path} holds {e}: refused for safety (nothing in it was run)") from None
     except Exception as e:  # noqa: BLE001 - a damaged or foreign pickle: one line, whatever the cause
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a readable network pickle ({reason})") from None

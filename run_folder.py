@@ -48,35 +48,40 @@ def remove_temporary(models):
 # ---------------------------------------------------------------------------------------
 # A fresh run
 # ---------------------------------------------------------------------------------------
-def earlier_run(models, overwrite):
-    """The checkpoints another run left in Models/: a UserError unless --overwrite."""
-    earlier = run_checkpoints(models)
+def earlier_run(out, overwrite):
+    """What another run left in OUT_DIR (run_files): a UserError unless --overwrite."""
+    earlier = run_files(out)
     if earlier and not overwrite:
-        raise UserError(f"{models} holds another run's checkpoints ({earlier[-1].name}): continue that run with "
-                        "--resume, or start this one with another --out-dir (or --overwrite to delete them)")
+        checkpoints = [p for p in earlier if p.suffix == ".pt"]
+        named = (checkpoints or earlier)[-1 if checkpoints else 0]  # the newest checkpoint, else the first log
+        more = f" and {len(earlier) - 1} more" if len(earlier) > 1 else ""
+        raise UserError(f"{out} holds another run's checkpoints or logs ({named.relative_to(out)}{more}): continue "
+                        "that run with --resume, or start this one with another --out-dir (or --overwrite to "
+                        "delete them)")
     return earlier
 
 
 def clear_for_fresh_run(out, cfg, earlier):
-    """Delete what an earlier run left (--overwrite), and the logs of a run that left no checkpoint."""
+    """--overwrite: delete what an earlier run left."""
     if earlier:
         remove_run(out, cfg)
-    for name in LOGS:
-        (out / name).unlink(missing_ok=True)
 
 
-def run_checkpoints(models):
-    """The checkpoints a run left in Models/ (best.pt last)."""
-    best = models / BEST_CHECKPOINT
-    return list_checkpoints(models) + ([best] if best.is_file() else [])
+def run_files(out):
+    """The files that make OUT_DIR a used folder: every checkpoint file in Models/ (checkpoint_*.pt by
+    step, any other *.pt, best.pt last) and the run's logs."""
+    models = Path(out) / "Models"
+    others = sorted(p for p in models.glob("*.pt") if checkpoint_step(p) is None and p.name != BEST_CHECKPOINT)
+    best = [models / BEST_CHECKPOINT] if (models / BEST_CHECKPOINT).is_file() else []
+    logs = [Path(out) / name for name in LOGS if (Path(out) / name).is_file()]
+    return list_checkpoints(models) + [p for p in others if p.is_file()] + best + logs
 
 
 def remove_run(out, cfg):
     """--overwrite: delete the earlier run's checkpoints (superseded ones too), its logs, and the
     sample grids, plots and metrics train.py wrote at this resolution."""
     models, samples = out / "Models", out / "saved_examples" / f"{cfg.resolution}x{cfg.resolution}"
-    doomed = run_checkpoints(models) + [p for pattern in RUN_OUTPUTS for p in samples.glob(pattern)]
-    doomed += [out / name for name in LOGS if (out / name).is_file()]
+    doomed = run_files(out) + [p for pattern in RUN_OUTPUTS for p in samples.glob(pattern)]
     for p in doomed:
         p.unlink(missing_ok=True)
     shutil.rmtree(models / SUPERSEDED, ignore_errors=True)
@@ -97,8 +102,9 @@ def resume_checkpoint(models, resume):
         raise UserError(f"--resume {path} is a folder: give a checkpoint file, or use --resume --out-dir FOLDER "
                         "for the newest checkpoint of the run in FOLDER")
     state, path = load_checkpoint(path, TRAINING_KEYS)
-    if path.resolve().parent != models.resolve() and run_checkpoints(models):
-        raise UserError(f"{models} holds another run's checkpoints: resume {path} with another --out-dir")
+    if path.resolve().parent != models.resolve() and run_files(models.parent):
+        raise UserError(f"{models.parent} holds another run's checkpoints or logs: resume {path} with another "
+                        "--out-dir")
     return state, path
 
 
@@ -142,52 +148,63 @@ def best_step(path):
 # The lock: one run writes to a folder at a time
 # ---------------------------------------------------------------------------------------
 class RunLock:
-    """OUT_DIR/Models/train.lock, held while one train.py run writes there. A second run into the
-    folder stops with a UserError naming the owner; a lock left by a process that died is taken
-    over, with a line saying so. The kernel's flock (released when its process dies) decides where
-    the file system has it; elsewhere the PID recorded in the file, checked on this host."""
+    """One train.py run writes to OUT_DIR/Models at a time. The lock is the kernel's flock on the
+    Models/ folder itself (released when its process ends, however it ends), so deleting a file
+    cannot let a second run in; Models/train.lock records the holder (PID and host) for the
+    messages. Where the file system has no flock (some NFS and Lustre mounts) the recorded PID
+    decides, checked on this host; a lock from another host is taken as held."""
 
     def __init__(self, folder):
-        self.path = Path(folder) / LOCK_FILE
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
         self.fd, self.created = None, False
 
     def __enter__(self):
-        me = f"{os.getpid()} {socket.gethostname()}"
         try:
-            self.created = not self.path.parent.exists()
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.created = not self.folder.exists()
+            self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot create {self.path.parent} ({e.strerror})") from None
-        while self.fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                held, owner = _try_flock(fd), os.read(fd, 4096).decode(errors="replace").split()
-                if held is False or (held is None and _owner_alive(owner)):
-                    pid, host = (owner + ["?", "?"])[:2]
-                    raise UserError(f"another training run (PID {pid} on {host}) is writing to {self.path.parent}: "
-                                    f"let it finish, or use another --out-dir (if no run is writing there, "
-                                    f"delete {self.path})")
-                if _same_file(fd, self.path):  # not unlinked by an owner that was releasing it
-                    self.fd = fd
-            finally:
-                if self.fd is None:
-                    os.close(fd)
+            raise UserError(f"cannot create {self.folder} ({e.strerror})") from None
+        try:
+            self.fd = os.open(self.folder, os.O_RDONLY)
+        except OSError:  # a folder cannot be opened (Windows): the recorded PID decides
+            self.fd = None
+        held, owner = (_try_flock(self.fd) if self.fd is not None else None), self.recorded()
+        if held is False or (held is None and _owner_alive(owner)):
+            self.release()
+            pid, host = (owner + ["?", "?"])[:2]
+            who = f"PID {pid} on {host}" if owner else "its PID not recorded"
+            raise UserError(f"another training run ({who}) is writing to {self.folder}: let it finish, or use "
+                            "another --out-dir" + ("" if held is False else f" (if no run is writing there, "
+                                                                            f"delete {self.path})"))
         if owner and owner[0] != str(os.getpid()):
             pid, host = (owner + ["?"])[:2]
-            print(f"taking over {self.path}, left by PID {pid} on {host}, which is no longer running", file=sys.stderr)
-        os.ftruncate(self.fd, 0)
-        os.lseek(self.fd, 0, os.SEEK_SET)
-        os.write(self.fd, f"{me}\n".encode())
+            why = "no process holds the folder's lock" if held else "that process is no longer running on this host"
+            print(f"taking over {self.path}, left by PID {pid} on {host}: {why}", file=sys.stderr)
+        tmp = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        os.replace(tmp, self.path)
         return self
+
+    def recorded(self):
+        """[PID, host] from the lock file, [] when there is none."""
+        try:
+            return self.path.read_text(errors="replace").split()[:2]
+        except OSError:
+            return []
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock
+            self.fd = None
 
     def __exit__(self, *exc):
         try:
             self.path.unlink(missing_ok=True)
         finally:
-            os.close(self.fd)
-            self.fd = None
-        if self.created and not any(self.path.parent.iterdir()):  # a run that stopped before writing
-            self.path.parent.rmdir()
+            self.release()
+        if self.created and not any(self.folder.iterdir()):  # a run that stopped before writing
+            self.folder.rmdir()
 
 
 def _try_flock(fd):
@@ -216,10 +233,3 @@ def _owner_alive(owner):
     except OSError:  # alive, but another user's
         return True
     return True
-
-
-def _same_file(fd, path):
-    try:
-        return os.fstat(fd).st_ino == os.stat(path).st_ino
-    except FileNotFoundError:
-        return False

@@ -176,7 +176,8 @@ def make_evaluator(cfg, data, device):
     evaluator = Evaluator(data.images, data.labels, min(cfg.eval_n, len(data)), cfg.seed, inception,
                           heldout=heldout_slices(cfg, data))
     every = f"{cfg.snapshot_kimg:g} kimg" if cfg.snapshot_kimg else f"{cfg.eval_every} epochs"
-    print(f"evaluation every {every} on {evaluator.n} images; Models/best.pt by {metric}")
+    print(f"evaluation every {every} on {evaluator.n} images (precision/recall in {evaluator.feature_space} "
+          f"features); Models/best.pt by {metric}")
     return evaluator, metric
 
 
@@ -187,7 +188,8 @@ def evaluate_now(run, cfg, evaluator, metric, save_best, samples):
     new_best = is_new_best(run.metrics, figures, metric, cfg.eval_max_copy_rate)
     run.metrics.append(dict(epoch=run.epoch, step=run.step, nimg=run.nimg, **figures))
     append_jsonl(dict(kimg=run.nimg / 1000, nimg=run.nimg, step=run.step, epoch=run.epoch, time_s=run.seconds,
-                      train_s=run.seconds - run.maintenance_seconds, **figures), Path(cfg.out_dir) / "metrics.jsonl")
+                      train_s=run.seconds - run.maintenance_seconds, features=evaluator.feature_space, **figures),
+                 Path(cfg.out_dir) / "metrics.jsonl")
     printed = ("swd", "fid", "kid", "ms_ssim_fake", "precision", "recall", "d_overfit", "copy_rate")
     shown = {k: v for k, v in figures.items() if k in printed}
     tqdm.write(f"kimg {run.nimg / 1000:g} (epoch {run.epoch}) evaluation: "

@@ -19,8 +19,8 @@ SCRIPT_PREFIXES = ("GEN_", "EVALUATE_", "CONVERT_")  # generate_images.py, evalu
 # Settings that define the networks' shape: a resumed run must keep them, --init-from takes them from its network.
 ARCHITECTURE = ("RESOLUTION", "IMAGE_MODE", "Z_DIM", "W_DIM", "MAPPING_LAYERS", "MAPPING_LR_MULT",
                 "CHANNEL_BASE", "CHANNEL_MAX", "CONDITIONAL", "MBSTD_GROUP", "SPECTRAL_NORM", "ATTENTION_RES",
-                "STYLE_OP", "RESAMPLE", "CONV_CLAMP")
-KEPT_ON_RESUME = ARCHITECTURE + ("FREEZE_D",)  # also fixes which parameters D's optimiser holds
+                "STYLE_OP", "RESAMPLE", "CONV_CLAMP", "CHANNEL_MIN")
+KEPT_ON_RESUME = ARCHITECTURE + ("FREEZE_D", "PROGRESSIVE")  # also fix D's parameters and which its optimiser holds
 
 
 class UserError(Exception):
@@ -35,12 +35,18 @@ def command(main):
         try:
             return main(argv)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            report(f"error: {e}")
             return 2
         except OSError as e:
-            print(f"error: cannot write {e.filename or 'an output file'}: {e.strerror or e}", file=sys.stderr)
+            report(f"error: cannot write {e.filename or 'an output file'}: {e.strerror or e}")
             return 1
     return run
+
+
+def report(line):
+    """One line on stderr, from one process: under torchrun every process fails alike, and rank 0 says so."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,16 +154,30 @@ def check_settings(values):
             if (low is not None and v < low) or (high is not None and v > high):
                 bounds = f"between {low} and {high}" if high is not None else f">= {low}"
                 raise UserError(f"{flag_of(name)} must be {bounds}, got {value!r}")
-    res = values.get("RESOLUTION")
-    if res is not None and res & (res - 1):
-        raise UserError(f"--resolution must be a power of two, got {res}")
+    for name in ("RESOLUTION", "PROGRESSIVE_START"):
+        res = values.get(name)
+        if res is not None and res & (res - 1):
+            raise UserError(f"{flag_of(name)} must be a power of two, got {res}")
+    if values.get("PROGRESSIVE_START", 4) > values.get("RESOLUTION", values.get("PROGRESSIVE_START", 4)):
+        raise UserError(f"--progressive-start {values['PROGRESSIVE_START']} is above --resolution "
+                        f"{values['RESOLUTION']}")
     if "ADAM_BETAS" in values and len(values["ADAM_BETAS"]) != 2:
         raise UserError(f"--adam-betas needs two comma-separated numbers, got {values['ADAM_BETAS']!r}")
     if "SLICE_RANGE" in values:
         check_slice_range(values["SLICE_RANGE"])
-    if "DATA_SPLITS" in values and not any(s.strip() for s in values["DATA_SPLITS"].split(",")):
-        raise UserError(f"--data-splits must name at least one split folder, such as train; "
-                        f"got {values['DATA_SPLITS']!r}")
+    if "DATA_SPLITS" in values:
+        splits = [s.strip() for s in values["DATA_SPLITS"].split(",") if s.strip()]
+        if not splits:
+            raise UserError(f"--data-splits must name at least one split folder, such as train; "
+                            f"got {values['DATA_SPLITS']!r}")
+        twice = sorted({s for s in splits if splits.count(s) > 1})
+        if twice:
+            raise UserError(f"--data-splits names {twice[0]} twice: each split is read once")
+    if "DATA_ROOT" in values and not str(values["DATA_ROOT"]).strip():
+        raise UserError("--data-root is empty: give the data folder (or leave it out for constants.py's)")
+    kimg, batch = values.get("KIMG", 0), values.get("BATCH_SIZE")
+    if kimg and batch and kimg * 1000 < batch:
+        raise UserError(f"--kimg {kimg:g} is less than one batch ({batch} images); give at least {batch / 1000:g}")
 
 
 def check_slice_range(slice_range):
@@ -200,9 +220,13 @@ def model_args_of(cfg, img_channels, num_classes):
     shared = dict(resolution=cfg.resolution, img_channels=img_channels, num_classes=num_classes,
                   channel_base=cfg.channel_base, channel_max=cfg.channel_max, attention_res=cfg.attention_res,
                   resample=cfg.resample, conv_clamp=cfg.conv_clamp)
+    if cfg.channel_min:  # kept out of model_args when unused, as in checkpoints from before it existed
+        shared["channel_min"] = cfg.channel_min
+    D = dict(shared, mbstd_group=cfg.mbstd_group, spectral_norm=cfg.spectral_norm)
+    if cfg.progressive:
+        D["grow"] = True
     return dict(G=dict(shared, z_dim=cfg.z_dim, w_dim=cfg.w_dim, mapping_layers=cfg.mapping_layers,
-                       mapping_lr_mult=cfg.mapping_lr_mult, w_avg_beta=cfg.w_avg_beta, style_op=cfg.style_op),
-                D=dict(shared, mbstd_group=cfg.mbstd_group, spectral_norm=cfg.spectral_norm))
+                       mapping_lr_mult=cfg.mapping_lr_mult, w_avg_beta=cfg.w_avg_beta, style_op=cfg.style_op), D=D)
 
 
 # ---------------------------------------------------------------------------------------

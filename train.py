@@ -12,12 +12,14 @@ import deps  # noqa: F401  (first: stops with one line when this Python lacks a 
 import contextlib
 import signal
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
 import constants
 from dataset import EpochSampler, cache_on_device, load_slices
 from distributed import close_distributed, describe_device, process_rank, seed_everything, setup_device
+from metrics import load_fid_inception
 from pretrained import init_networks
 from run_folder import (
     RunLock,
@@ -69,12 +71,15 @@ def settings(given, opts, out, main_process=True):
     models = out / "Models"
     if main_process:
         remove_temporary(models)
+    if resume and getattr(opts, "overwrite", False):
+        raise UserError("--resume continues the run in --out-dir and --overwrite deletes it: give one of them")
     if resume and "INIT_FROM" in given:
         raise UserError("--init-from starts a new run from a network; drop it to --resume this run")
     if not resume:
         cfg = resolve_settings(given, "", preset)
         cfg.preset = preset
-        earlier = earlier_run(models, getattr(opts, "overwrite", False))
+        check_inception_weights(cfg)
+        earlier = earlier_run(out, getattr(opts, "overwrite", False))
         init = init_networks(cfg, given) if cfg.init_from else None  # before --overwrite deletes anything
         if main_process:
             clear_for_fresh_run(out, cfg, earlier)
@@ -82,11 +87,19 @@ def settings(given, opts, out, main_process=True):
     state, path = resume_checkpoint(models, resume)
     cfg = resolve_settings(given, "", preset, base=state["config"])
     check_kept_on_resume(checkpoint_settings(state), cfg, path)
+    check_inception_weights(cfg)
     cfg.preset = preset or state["config"].get("preset")
     if main_process:
         supersede_newer(out, state["step"], state["nimg"])
     print(f"resuming from {path} (step {state['step']})")
     return cfg, state, None
+
+
+def check_inception_weights(cfg):
+    """--inception-weights, read once before any work: a file that cannot serve is one line now, not
+    after the data are loaded."""
+    if cfg.eval_every and cfg.inception_weights and Path(cfg.inception_weights).is_file():
+        load_fid_inception(cfg.inception_weights)
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,17 +228,17 @@ def main(argv=None):
                 cfg, state, init = settings(given, opts, out, main_process)
                 return train(cfg, state, init)
     except Diverged as e:
-        print(f"error: {e}; stopped without saving (the last checkpoint is intact)", file=sys.stderr)
+        print(f"error: {e}; stopped without saving (the checkpoints already written were not touched)", file=sys.stderr)
         return 1
     except OSError as e:  # writing a sample grid, plot or metrics file: disk full, no permission
         print(f"error: cannot write {e.filename or 'an output file'}: {e.strerror or e} "
-              "(the checkpoints already written are intact)", file=sys.stderr)
+              "(the checkpoints already written were not touched)", file=sys.stderr)
         return 1
     except Terminated:
         print("\nSIGTERM before training started: stopped, no checkpoint written", file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C while stopping
-        print("\ninterrupted; nothing saved (checkpoints already written are intact)", file=sys.stderr)
+        print("\ninterrupted; nothing saved (the checkpoints already written were not touched)", file=sys.stderr)
         return 130
 
 

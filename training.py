@@ -119,11 +119,20 @@ def initialise(run, init, data):
     num_classes = run.model_args["G"]["num_classes"]
     if num_classes and num_classes != len(data.class_names):
         raise UserError(f"--init-from is a network of {num_classes} classes; the data have {len(data.class_names)}")
-    for name in ("G", "G_ema", "D"):
-        if name in init:
-            getattr(run, name).load_state_dict(init[name])
-    if "D" not in init:
+    for name in ("G", "G_ema"):
+        getattr(run, name).load_state_dict(init[name])
+    if "D" in init:
+        load_d_weights(run.D, init["D"])
+    else:
         print("the source network has no discriminator: D starts from scratch")
+
+
+def load_d_weights(D, state):
+    """D's weights from another network's: a growing D (--progressive) keeps its own lower
+    from-image convs where the source has none, and a fixed D leaves out a growing source's."""
+    own = D.state_dict()
+    lower = {k: v for k, v in own.items() if k.startswith("from_img_low.")}
+    D.load_state_dict({**lower, **{k: v for k, v in state.items() if not k.startswith("from_img_low.") or k in own}})
 
 
 def compiled(modules, device):
@@ -201,15 +210,18 @@ def generate_fakes(run, cfg, z, labels, update_w_avg=False):
     """G's training forward: mapping with style mixing, then the (compiled, autocast) synthesis;
     a growing generator (--progressive) runs eagerly, as its graph changes with the level."""
     ws = run.G.make_ws(z, labels, mixing_prob=cfg.style_mixing_prob, update_w_avg=update_w_avg)
-    synthesis = run.synthesis if run.G.synthesis.level is None else run.G.synthesis
+    if run.G.synthesis.level is not None:  # at the resolution the growth has reached
+        with autocast(run):
+            return run.G.synthesis(ws, full_size=False)
     with autocast(run):
-        return synthesis(ws)
+        return run.synthesis(ws)
 
 
 def set_growth_level(run, cfg):
-    """--progressive: the growth level of G and G_ema after run.nimg images (None: fully grown)."""
-    level = growth_level(run.nimg, cfg.progressive_kimg, cfg.resolution) if cfg.progressive else None
-    run.G.synthesis.level = run.G_ema.synthesis.level = level
+    """--progressive: the growth level of G, G_ema and D after run.nimg images (None: fully grown)."""
+    level = growth_level(run.nimg, cfg.progressive_kimg, cfg.resolution, cfg.progressive_start,
+                         cfg.progressive_hold_kimg) if cfg.progressive else None
+    run.G.synthesis.level = run.G_ema.synthesis.level = run.D.level = level
 
 
 def augment(run, images):
@@ -219,9 +231,10 @@ def augment(run, images):
 
 def discriminate(run, images, labels, batches=1):
     """D's main forward on augmented images (compiled, autocast), scores in float32; `batches` equal
-    batches one after the other, each with its own minibatch-std groups."""
+    batches one after the other, each with its own minibatch-std groups. A growing D runs eagerly."""
+    D = run.D_main if run.D.level is None else run.D
     with autocast(run):
-        return run.D_main(augment(run, images), labels, batches).float()
+        return D(augment(run, images), labels, batches).float()
 
 
 def d_step(run, cfg, real, labels, regularize):
@@ -261,7 +274,8 @@ def g_step(run, cfg, labels, batch_size, regularize):
         n = max(1, batch_size // cfg.pl_batch_shrink)
         sub = labels[:n] if labels is not None else None
         ws = G.make_ws(torch.randn(n, cfg.z_dim, device=run.device), sub, mixing_prob=cfg.style_mixing_prob)
-        penalty, run.pl_mean = path_length_penalty(G.synthesis(ws), ws, run.pl_mean, cfg.pl_decay)
+        penalty, run.pl_mean = path_length_penalty(G.synthesis(ws, full_size=False), ws, run.pl_mean,
+                                                   cfg.pl_decay)
         stats["grad_g_reg"] = optimizer_step(run.opt_G, penalty * cfg.pl_weight * run.intervals["G"])
         stats["pl_penalty"] = penalty.detach()
     for group in run.opt_D.param_groups:  # --freeze-d's fixed parameters stay without gradients
@@ -273,7 +287,8 @@ def g_step(run, cfg, labels, batch_size, regularize):
 def train_step(run, cfg, data, idx):
     """One iteration on the batch of dataset indices `idx`; returns {name: float}."""
     real = random_flips(to_model_range(data.images[idx].to(run.device, non_blocking=True)), cfg.hflip, cfg.vflip)
-    real = at_growth_level(random_rotation_and_jitter(real, cfg.rotate, cfg.jitter), run.G.synthesis.level)
+    real = at_growth_level(random_rotation_and_jitter(real, cfg.rotate, cfg.jitter), run.G.synthesis.level,
+                           full_size=False)
     labels = data.labels[idx].to(run.device) if cfg.conditional else None
     set_learning_rates(run, cfg)
     due = {net: bool(r) and run.step % r == 0 for net, r in run.intervals.items()}
@@ -321,6 +336,9 @@ def history_of(state):
 def restore(run, state, cfg, data):
     if state["class_names"] != list(data.class_names) and cfg.conditional:
         raise UserError(f"--data-root classes {data.class_names} differ from the checkpoint's {state['class_names']}")
+    if cfg.progressive and not any(k.startswith("from_img_low.") for k in state["D"]):
+        raise UserError("this --progressive checkpoint is from before the discriminator grew with the generator: "
+                        "start a new run from it with --init-from")
     for name in ("G", "D", "G_ema", "opt_G", "opt_D"):
         getattr(run, name).load_state_dict(state[name])
     run.step, run.epoch, run.nimg = state["step"], state["epoch"], state["nimg"]

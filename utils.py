@@ -1,5 +1,7 @@
 """The files a run and the scripts write for people to read: images and image grids, GIFs, loss
-and metric plots, and JSON (a file, or a JSON-lines log that grows while a run goes on)."""
+and metric plots, and JSON (a file, or a JSON-lines log that grows while a run goes on), each
+written whole or not at all."""
+import contextlib
 import json
 import math
 import os
@@ -7,6 +9,42 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+# ---------------------------------------------------------------------------------------
+# Every file is written whole or not at all
+# ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path beside `path` (its folder created) for the block to write; renamed over `path`
+    when the block ends, removed when it fails. A failed write (disk full, no permission) raises an
+    OSError naming `path`, and `path` is as it was: never a truncated or empty file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_text(text, path):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_array(path, *arrays):
+    """One array as .npy, or several as .npz, written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        if len(arrays) == 1:
+            np.save(f, arrays[0])
+        else:
+            np.savez(f, *arrays)
 
 
 # ---------------------------------------------------------------------------------------
@@ -24,8 +62,8 @@ def to_uint8(images):
 
 def save_image(image, path):
     """Save one (C, H, W) image in [-1, 1] as PNG (grayscale when C == 1)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    _pil(to_uint8(image[None])[0]).save(path)
+    with atomic_path(path) as tmp:
+        _pil(to_uint8(image[None])[0]).save(tmp, format="PNG")
 
 
 def grid_array(images, ncol=8, pad=2):
@@ -48,8 +86,8 @@ def _pil(array):
 
 def save_grid(images, path, ncol=8, pad=2):
     """Tile (N, C, H, W) images in [-1, 1] into one PNG with `ncol` columns."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    _pil(grid_array(images, ncol, pad)).save(path)
+    with atomic_path(path) as tmp:
+        _pil(grid_array(images, ncol, pad)).save(tmp, format="PNG")
 
 
 def save_gif(frames, path, ncol=8, duration_ms=120, bounce=True):
@@ -57,8 +95,8 @@ def save_gif(frames, path, ncol=8, duration_ms=120, bounce=True):
     `bounce` it plays forward then back, so the loop has no jump."""
     order = list(range(len(frames))) + (list(range(len(frames) - 2, 0, -1)) if bounce else [])
     pictures = [_pil(grid_array(frames[i], ncol)) for i in order]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=duration_ms, loop=0)
+    with atomic_path(path) as tmp:
+        pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=duration_ms, loop=0)
 
 
 def save_labelled_grid(images, path, ncol, row_labels, col_labels=(), title=""):
@@ -94,9 +132,11 @@ def pyplot():
 
 def save_figure(fig, path, dpi=100):
     """Write a Matplotlib figure (creating its folder) and close it."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    pyplot().close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        pyplot().close(fig)
 
 
 def smooth(values, window):
@@ -149,7 +189,7 @@ def plot_metrics(metrics, path):
     plt = pyplot()
     levels = sorted({k for m in metrics for k in m if k.startswith("swd_") and k[4:].isdigit()},
                     key=lambda k: -int(k[4:]))
-    panels = [(["swd", *levels, "swd_heldout"], "sliced Wasserstein distance x1e3"),
+    panels = [(["swd", *levels, "swd_heldout", *(f"{k}_heldout" for k in levels)], "sliced Wasserstein distance x1e3"),
               (["ms_ssim_fake", "ms_ssim_real", "ms_ssim_heldout"], "MS-SSIM of random pairs (diversity)"),
               (["precision", "recall", "precision_heldout", "recall_heldout", "knn_ratio"],
                "precision, recall, k-NN radius ratio"),
@@ -176,8 +216,7 @@ def plot_metrics(metrics, path):
 # JSON files and logs
 # ---------------------------------------------------------------------------------------
 def save_json(obj, path):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=2, default=list) + "\n")
+    save_text(json.dumps(obj, indent=2, default=list) + "\n", path)
 
 
 def append_jsonl(record, path):
@@ -185,8 +224,14 @@ def append_jsonl(record, path):
     `tail -f` and pandas.read_json(path, lines=True) read while the run goes on."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
     with open(path, "a+b") as f:
-        cut = f.tell() > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"  # a run killed mid-line
-        f.write((("\n" if cut else "") + json.dumps(clean) + "\n").encode())
+        size = f.tell()
+        cut = size > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"  # a run killed mid-line
+        try:
+            f.write((("\n" if cut else "") + json.dumps(clean) + "\n").encode())
+            f.flush()
+        except OSError as e:  # disk full: take the part-line back, so the log holds whole lines only
+            f.truncate(size)
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 def read_jsonl(path):

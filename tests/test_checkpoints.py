@@ -1,15 +1,17 @@
 """checkpoints.py: the format (round trip, its version checked), atomic writes that never report what
 they did not do, pruning by step, the newest readable checkpoint of a folder, and reads that run
-nothing and say in plain words what a file is not."""
+nothing, verify the content checksum, and say in plain words what a file is not."""
 import errno
 import pickle
 import re
+import struct
 import threading
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_user_error
+from conftest import QUICK, assert_user_error, smoke
 
 import checkpoints
 import evaluate
@@ -108,12 +110,29 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
     assert str(empty) in str(e.value)
 
 
+class RunsOnLoad:
+    """An object whose unpickling creates a file: what a weights-only load must never do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def test_load_checkpoint_refuses_arbitrary_objects(tmp_path):
-    path = tmp_path / "evil.pt"
-    torch.save(dict(model_args={}, payload=NotAllowed()), path)
-    with pytest.raises(UserError) as e:
+    path, marker = tmp_path / "evil.pt", tmp_path / "created"
+    torch.save(dict(model_args={}, payload=NotAllowed(), trap=RunsOnLoad(marker)), path)
+    with pytest.raises(UserError, match="contains Python objects other than tensors, refused for safety") as e:
         checkpoints.load_checkpoint(path)
-    assert str(path) in str(e.value)
+    assert str(path) in str(e.value) and not marker.exists()
+
+
+def test_pruning_orders_by_step_where_names_would_not():
+    """Past 8 digits the names no longer sort by step (checkpoint_100000000.pt < checkpoint_99999999.pt)."""
+    paths = [checkpoints.checkpoint_path("m", step) for step in (99_999_998, 100_000_000, 99_999_999)]
+    assert sorted(p.name for p in paths)[0] == "checkpoint_100000000.pt"
+    assert checkpoints.prune_checkpoints(paths, 2) == [paths[2], paths[1]]  # nothing on disk to delete
 
 
 def test_load_checkpoint_refuses_foreign_state(tmp_path):
@@ -140,7 +159,7 @@ def test_a_failed_save_removes_its_temporary_file_and_names_the_reason(tmp_path,
         checkpoints.save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
-    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert checkpoints.read_checkpoint(path) == {"step": 1}
 
 
 def test_a_checkpoint_path_that_is_a_folder_is_a_one_line_error(tmp_path):
@@ -260,3 +279,38 @@ def test_training_and_converted_networks_share_one_format():
                                         source="x")
     assert set(checkpoints.CHECKPOINT_KEYS) <= set(state) and state["version"] == checkpoints.VERSION
     assert state["config"]["resolution"] == 32 and state["source"] == "x"
+
+
+def flip_tensor_bytes(path, count=400):
+    """XOR `count` bytes in the middle of the largest stored tensor: damage torch.load does not notice."""
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2 - count // 2
+    data[start:start + count] = bytes(b ^ 0xFF for b in data[start:start + count])
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_carries_a_checksum_of_its_contents_and_damage_is_named(tmp_path):
+    state = dict(sample_state(3), big=torch.arange(4096.0))
+    path = checkpoints.save_checkpoint(state, tmp_path / "c.pt")
+    loaded = checkpoints.read_checkpoint(path)
+    assert checkpoints.CHECKSUM not in loaded and torch.equal(loaded["big"], state["big"])
+    assert torch.load(path, weights_only=True)[checkpoints.CHECKSUM] == checkpoints.content_checksum(state)
+    flip_tensor_bytes(path)
+    torch.load(path, weights_only=True)  # PyTorch reads the damaged file without a word
+    with pytest.raises(UserError, match=f"{re.escape(str(path))} is damaged"):
+        checkpoints.read_checkpoint(path)
+
+
+def test_resume_passes_over_a_damaged_newest_checkpoint_and_moves_it_aside(data, tmp_path, capsys):
+    assert train.main(smoke(data, tmp_path, "--max-steps", "8", *QUICK)) == 0  # checkpoints at 6 and 8
+    newest = tmp_path / "Models" / "checkpoint_00000008.pt"
+    flip_tensor_bytes(newest)
+    capsys.readouterr()
+    assert train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "8"]) == 0
+    err = capsys.readouterr().err
+    assert f"passing over an unreadable newer checkpoint: {newest} is damaged" in err
+    assert list((tmp_path / "Models" / "superseded").rglob("checkpoint_00000008.pt"))
+    assert checkpoints.read_checkpoint(newest)["step"] == 8  # written again, whole, from step 6

@@ -219,7 +219,7 @@ def test_load_image_rgb_to_grayscale(tmp_path):
 
 def test_load_image_grayscale_to_rgb(tmp_path):
     path = tmp_path / "gray.png"
-    Image.new("L", (8, 8), 100).save(path)
+    Image.new("L", (16, 16), 100).save(path)
     arr = dataset.load_image(path, 32, "RGB", "pad")
     assert arr.shape == (3, 32, 32)
     assert (arr == 100).all()
@@ -362,3 +362,40 @@ def test_a_flat_folder_with_a_link_to_itself_is_flat(tmp_path):
     (tmp_path / "flat" / "up").symlink_to("..", target_is_directory=True)
     files, labels, names = dataset.find_images(tmp_path / "flat")
     assert len(files) == 3 and names == []
+
+
+def test_skipped_files_leave_every_other_slice_with_its_own_label(tmp_path):
+    """A bad file in the first class: the slices after it keep their classes (labels follow the kept
+    files, not their positions), and each image is the one written."""
+    write_images(tmp_path / "AD", 2, seed=1)
+    _corrupt_png(tmp_path / "AD")  # sorts after img000, img001
+    write_images(tmp_path / "NC", 3, seed=2)
+    data = dataset.load_dataset(tmp_path, ("train",), 32, skip_bad=True, progress=False)
+    assert data.skipped == 1 and data.labels.tolist() == [0, 0, 1, 1, 1]
+    expected = [np.asarray(Image.open(tmp_path / c / f"img{i:03d}.png")) for c, n in (("AD", 2), ("NC", 3))
+                for i in range(n)]
+    assert all(np.array_equal(data.images[k, 0].numpy(), e) for k, e in enumerate(expected))
+
+
+def bad_files(folder):
+    """Three files no slice can come from: a 1x1 image, a float image of NaNs, a link to nothing."""
+    Image.new("L", (1, 1), 200).save(folder / "tiny.png")
+    Image.fromarray(np.full((32, 32), np.nan, np.float32), mode="F").save(folder / "nan.tif")
+    (folder / "gone.png").symlink_to(folder / "deleted.png")
+    return {"tiny.png": "1x1 pixels, smaller than the smallest slice read (16x16)",
+            "nan.tif": "no pixel holds a finite value", "gone.png": "a link to a missing file"}
+
+
+@pytest.mark.parametrize("name", ["tiny.png", "nan.tif", "gone.png"])
+def test_files_no_slice_can_come_from_are_named_or_counted(tmp_path, name):
+    write_images(tmp_path / "AD", 3)
+    (tmp_path / "NC").mkdir()
+    reasons = bad_files(tmp_path / "NC")
+    for other in set(reasons) - {name}:
+        (tmp_path / "NC" / other).unlink()
+    write_images(tmp_path / "NC", 2, prefix="ok")
+    with pytest.raises(UserError) as e:
+        dataset.load_dataset(tmp_path, ("train",), 32, progress=False)
+    assert str(tmp_path / "NC" / name) in str(e.value) and reasons[name] in str(e.value)
+    data = dataset.load_dataset(tmp_path, ("train",), 32, skip_bad=True, progress=False)
+    assert data.skipped == 1 and len(data) == 5

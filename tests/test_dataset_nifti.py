@@ -170,18 +170,25 @@ def _truncated(path):
 
 def _empty(path):
     save(np.zeros(SHAPE, np.float32), path)
+    return "all voxels are zero"
 
 
-@pytest.mark.parametrize("make_bad", [_garbage, _truncated, _empty], ids=["garbage", "truncated", "all-zero"])
+def _all_nan(path):
+    save(np.full(SHAPE, np.nan, np.float32), path)
+    return "no voxel holds a finite value"
+
+
+@pytest.mark.parametrize("make_bad", [_garbage, _truncated, _empty, _all_nan],
+                         ids=["garbage", "truncated", "all-zero", "all-nan"])
 def test_corrupt_volume_names_file_and_can_be_skipped(tmp_path, make_bad):
     vol, brain = ellipsoid()
     save(vol, tmp_path / "AD" / "good.nii.gz")
     write_images(tmp_path / "NC", 2, size=32)
     bad = tmp_path / "NC" / "bad.nii.gz"
-    make_bad(bad)
+    reason = make_bad(bad)
     with pytest.raises(UserError) as e:
         dataset.load_dataset(tmp_path, ("train",), 32, progress=False)
-    assert str(bad) in str(e.value)
+    assert str(bad) in str(e.value) and (reason or "") in str(e.value)
     assert "--skip-bad-images" in str(e.value)
     data = dataset.load_dataset(tmp_path, ("train",), 32, skip_bad=True, progress=False)
     assert data.skipped == 1

@@ -11,31 +11,7 @@ from PIL import Image
 import evaluate
 import train
 
-# --------------------------------------------------------------------------------------- FID / KID
 
-
-# --------------------------------------------------------------------------------------- SWD
-
-
-# --------------------------------------------------------------------------------------- MS-SSIM
-
-
-# --------------------------------------------------------------------------------------- precision / recall
-
-
-# --------------------------------------------------------------------------------------- AUC
-
-
-# --------------------------------------------------------------------------------------- Inception
-
-
-# --------------------------------------------------------------------------------------- Evaluator
-
-
-# --------------------------------------------------------------------------------------- train.py
-
-
-# --------------------------------------------------------------------------------------- evaluate.py
 def test_evaluate_cli_writes_json_and_markdown(cond_run, data, tmp_path, capsys):
     out = tmp_path / "eval.json"
     args = ["--checkpoint", str(cond_run / "Models"), "--data-root", str(data), "--n", "32", "--out", str(out)]
@@ -99,5 +75,3 @@ def test_evaluations_with_d_report_the_audit_in_its_space(cond_run, data, tmp_pa
     results = json.loads(out.read_text())
     assert {"copy_rate_d", "authenticity_d", "nn_dist_fake_d", "nn_dist_heldout_d"} <= set(results)
     assert 0 <= results["copy_rate_d"] <= 1 and results["nn_dist_fake_d"] > 0
-
-

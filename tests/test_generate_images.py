@@ -3,6 +3,7 @@ latent-space modes (style mixing, interpolation, truncation sweeps, the style-sp
 of real slices) on the tiny checkpoints of the shared smoke runs."""
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -349,3 +350,21 @@ def test_tsne_data_root_classes_must_match(cond_run, tmp_path, capsys):
                                           (["--mode", "tsne", "--label", "AD"], "--label")])
 def test_bad_mode_settings_name_the_flag(cond_run, tmp_path, capsys, flags, needle):
     assert_user_error(capsys, generate(cond_run, tmp_path, *flags), needle)
+
+
+def test_samples_are_written_as_they_are_drawn_and_a_disk_too_small_is_one_line(uncond_run, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """--n is drawn a --batch at a time (never all latents or images at once), and when the first
+    batch shows the rest cannot fit on the disk, the run stops there with one line."""
+    drawn = []
+    real = generate_images.images_from_latents
+    monkeypatch.setattr(generate_images, "images_from_latents", lambda G, z, *a: drawn.append(len(z)) or real(G, z, *a))
+    out = tmp_path / "many"
+    assert generate(uncond_run, out, "--n", "10", "--batch", "4") == 0
+    assert drawn == [4, 4, 2] and len(list(out.glob("seed*.png"))) == 10
+    drawn.clear()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(generate_images.shutil, "disk_usage", lambda p: usage._replace(free=10_000))
+    code = generate(uncond_run, tmp_path / "huge", "--n", "100000000", "--batch", "4")
+    assert_user_error(capsys, code, "--n: the 99999996 images still to write need about", "GB free")
+    assert drawn == [4] and len(list((tmp_path / "huge").glob("seed*.png"))) == 4

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_user_error, smoke
 
+import dataset
 import metrics
 import settings
 
@@ -162,7 +164,7 @@ def test_no_inception_weights_is_skipped_with_instructions(capsys, tmp_path):
 def test_wrong_inception_file_is_a_one_line_error(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a torch file")
-    with pytest.raises(settings.UserError, match="--inception-weights: cannot read"):
+    with pytest.raises(settings.UserError, match="--inception-weights: .*junk.pth is not a PyTorch checkpoint"):
         metrics.load_fid_inception(junk)
     partial = tmp_path / "partial.pth"
     torch.save({"fc.weight": torch.zeros(1008, 2048)}, partial)
@@ -306,3 +308,79 @@ def test_held_out_slices_give_the_reference_figures():
     ev = metrics.Evaluator(real, labels, n=60, seed=0, heldout=SimpleNamespace(images=other, labels=labels))
     assert ev.heldout_figures["swd_heldout"] > 1 and ev.heldout_figures["recall_heldout"] < 1
     assert not metrics.Evaluator(real, labels, n=60, seed=0).heldout_figures
+    # every pyramid level, computed as for generated slices: the held-out slices scored as fakes agree
+    as_fakes = ev.compare(dataset.to_model_range(ev.heldout[0]))  # the held-out slices it drew
+    for level in ("swd", "swd_32", "swd_16"):
+        assert ev.heldout_figures[f"{level}_heldout"] == pytest.approx(as_fakes[level], rel=1e-9)
+    assert {k for k in ev.heldout_figures if k.startswith("swd")} == {"swd_heldout", "swd_32_heldout",
+                                                                     "swd_16_heldout"}
+
+
+def test_the_memorisation_audit_compares_slices_at_their_size_up_to_256():
+    for size, kept in ((64, 64), (256, 256), (512, 256)):
+        x = torch.rand(3, 1, size, size) * 2 - 1
+        features = metrics.memo_features(x)
+        assert features.shape == (3, kept * kept)
+        if size == kept:  # rows are RMS-scaled: their distance is the images' RMS difference
+            rms = (x[0] - x[1]).square().mean().sqrt()
+            assert torch.dist(features[0], features[1]).item() == pytest.approx(rms.item(), rel=1e-5)
+
+
+def test_nearest_other_row_against_brute_force_beyond_one_chunk():
+    """Each training slice's nearest other training slice (authenticity's reference), for more rows
+    than one chunk: the self-match is left out at the right index in every chunk."""
+    x = torch.randn(700, 5, generator=torch.Generator().manual_seed(2))
+    d = torch.cdist(x, x)
+    d.fill_diagonal_(float("inf"))
+    dist, idx = metrics.nearest(x, x, exclude_self=True, chunk=256)
+    assert torch.equal(idx, d.argmin(1)) and torch.allclose(dist, d.min(1).values)
+    train, d_train, _ = metrics.memorisation_reference(torch.rand(600, 1, 8, 8) * 2 - 1)
+    assert (d_train > 0).all()  # never a slice's distance to itself
+
+
+def test_precision_counts_fakes_inside_the_reals_3_nn_balls():
+    """Reals at 0..9 on a line: their 3rd-nearest-neighbour radius is 2 inside and 3 at the ends, so of
+    the fakes 11.5 (2.5 from 9) is inside, 12.5 (3.5 from 9) outside, and 30..33 far outside: 1/6.
+    (With k = 5 the end radius would be 5, and 12.5 inside too.)"""
+    real = torch.arange(10.0)[:, None]
+    fake = torch.tensor([11.5, 12.5, 30, 31, 32, 33])[:, None]
+    precision, recall, _ = metrics.manifold_figures(real, fake)
+    assert precision == pytest.approx(1 / 6) and recall == 1.0  # 11.5's ball (radius 19.5) holds every real
+    assert metrics.precision_recall(real, fake)[0] == pytest.approx(1 / 6)
+
+
+def test_sliced_wasserstein_of_a_shift_is_its_mean_projection_on_unit_directions():
+    """b = a + v: along a unit direction u every projection moves by v.u, so the 1-D distance is |v.u|;
+    the directions are those the seeded generator draws, each normalised to length 1."""
+    a = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
+    v = torch.tensor([3.0, -1.0, 0.5, 2.0, 0.0, 1.0])
+    got = metrics.sliced_wasserstein(a, a + v, torch.Generator().manual_seed(7), directions=16, repeats=3)
+    g, expected = torch.Generator().manual_seed(7), []
+    for _ in range(3):
+        dirs = torch.randn(6, 16, generator=g)
+        expected.append((v @ (dirs / dirs.norm(dim=0))).abs().mean())
+    assert got == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+
+
+class OpensAFile:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_inception_weights_that_would_run_code_are_refused_before_any_work(tmp_path, data, capsys, monkeypatch):
+    """Refused in plain words (not PyTorch's advice to load it unsafely), and by train.py before the
+    data are read."""
+    marker, evil = tmp_path / "created", tmp_path / "weights.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": OpensAFile(marker)}, evil)
+    with pytest.raises(settings.UserError, match="contains Python objects other than tensors, refused for safety") as e:
+        metrics.load_fid_inception(evil)
+    assert "weights_only" not in str(e.value) and "Re-running" not in str(e.value) and not marker.exists()
+    import train
+    loads = []
+    monkeypatch.setattr(train, "load_slices", lambda *args, **kwargs: loads.append(args))
+    code = train.main(smoke(data, tmp_path / "run", "--inception-weights", str(evil)))
+    assert_user_error(capsys, code, "--inception-weights", "refused for safety")
+    assert not marker.exists() and not loads

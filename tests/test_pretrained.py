@@ -15,6 +15,7 @@ layers and its channel table divided by 32 (16 channels), perturbed the same way
 rosinality_tiny_ref.npz holds 4 latents, g_ema's images with its constant noise maps at truncation
 1 and at 0.5 around the mean_latent it gives, and d's scores."""
 import argparse
+import io
 import pickle
 import sys
 import types
@@ -38,7 +39,7 @@ import utils
 DATA = Path(__file__).parent / "data"
 NVLABS, ROSINALITY = DATA / "nvlabs_tiny.pkl", DATA / "rosinality_tiny.pt"
 GREY_LEVEL = 2 / 255  # one step of the 8-bit images, in [-1, 1] units
-LUMA = torch.tensor(pretrained.LUMA)
+LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601, as PIL's convert("L")
 
 
 def reference(name):
@@ -153,6 +154,67 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path, caps
     code = train.main(smoke(tmp_path, tmp_path / "run", "--init-from", str(evil)))
     assert_user_error(capsys, code, "refused")
     assert not marker.exists() and not (tmp_path / "out.pt").exists()
+
+
+class Calls:
+    """A pickle that calls `fn(*args)` when loaded, through the global `fn` names."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return (self.fn, self.args)
+
+
+def payloads(marker):
+    """Globals of the modules a network pickle does hold (builtins, torch, NumPy), used to run code."""
+    return {"builtins.exec": Calls(exec, f"open({str(marker)!r}, 'w')"),
+            "builtins.eval": Calls(eval, f"open({str(marker)!r}, 'w')"),
+            "builtins.getattr": Calls(getattr, 1, "real"),
+            "torch.serialization.save": Calls(torch.save, [1], str(marker)),
+            "numpy.save": Calls(np.save, str(marker), np.zeros(1))}
+
+
+@pytest.mark.parametrize("name", sorted(payloads("x")))
+def test_globals_of_allowed_modules_are_refused_all_the_same(tmp_path, name):
+    marker = tmp_path / "created"
+    evil = tmp_path / "network-snapshot.pkl"
+    evil.write_bytes(pickle.dumps({"G_ema": payloads(marker)[name]}))
+    with pytest.raises(settings.UserError, match="refused for safety"):
+        pretrained.read_network_pickle(evil)
+    assert not marker.exists() and not marker.with_suffix(".npy").exists()
+
+
+class StorageBlob:
+    """A tensor storage as torch pickles one (torch.storage._load_from_bytes), holding `data`."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce__(self):
+        return (torch.storage._load_from_bytes, (self.data,))
+
+
+def test_a_storage_blob_that_would_run_code_is_refused_in_plain_words(tmp_path, capsys):
+    marker, blob = tmp_path / "created", io.BytesIO()
+    torch.save(CreatesAFile(marker), blob)
+    evil = tmp_path / "network-snapshot.pkl"
+    evil.write_bytes(pickle.dumps({"G_ema": StorageBlob(blob.getvalue())}))
+    line = assert_user_error(capsys, convert.main([str(evil), str(tmp_path / "out.pt")]), str(evil),
+                             "a tensor storage that holds Python objects other than tensors", "refused for safety")
+    assert "weights_only" not in line and "Re-running" not in line and not marker.exists()
+
+
+def test_a_pickle_referring_to_outside_objects_is_refused(tmp_path):
+    class Outside(pickle.Pickler):
+        def persistent_id(self, obj):
+            return "outside-object" if isinstance(obj, str) and obj == "x" else None
+
+    path = tmp_path / "network-snapshot.pkl"
+    with open(path, "wb") as f:
+        Outside(f).dump({"G_ema": "x"})
+    with pytest.raises(settings.UserError, match="refers to outside objects"):
+        pretrained.read_network_pickle(path)
 
 
 def test_a_checkpoint_holding_other_objects_is_refused(tmp_path, capsys):

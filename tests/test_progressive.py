@@ -1,8 +1,10 @@
 """Progressive training: the growth schedule, the skip generator's per-resolution output
 weights, real images at the generator's level, and a progressive run end to end."""
+from types import SimpleNamespace
+
 import pytest
 import torch
-from conftest import smoke
+from conftest import assert_user_error, smoke
 
 import checkpoints
 import generate_images
@@ -62,6 +64,69 @@ def test_blocks_above_the_level_are_not_run():
         assert ran == expected, level
 
 
+def test_growth_can_start_higher_and_hold_there():
+    """--progressive-start 64 --progressive-hold-kimg 2: 2,000 images at 64x64 (level 4), then each
+    higher resolution in --progressive-kimg (1): half at the level below, half fading in."""
+    level = lambda n: modules.growth_level(n, 1.0, 256, start=64, hold_kimg=2.0)  # noqa: E731
+    assert [level(n) for n in (0, 1999, 2000, 2499, 2750, 3000, 3500, 3750)] == [4, 4, 4, 4, 4.5, 5, 5, 5.5]
+    assert level(3999) < 6 and level(4000) is None
+    assert modules.growth_level(500, 1.0, 32) == modules.growth_level(500, 1.0, 32, start=4, hold_kimg=0)
+
+
+def test_images_at_the_levels_own_resolution_are_the_full_size_ones_before_upsampling():
+    G = generator()
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        ws = G.make_ws(torch.randn(2, 16))
+        for level, size in ((0.0, 4), (1.0, 8), (1.5, 16), (2.25, 32), (None, 32)):
+            G.synthesis.level = level
+            own, full = G.synthesis(ws, "const", full_size=False), G.synthesis(ws, "const")
+            real = at_growth_level(x, level, full_size=False)
+            assert own.shape[-1] == real.shape[-1] == size
+            while own.shape[-1] < 32:
+                own, real = modules.upsample2x(own), modules.upsample2x(real)
+            assert torch.allclose(own, full, atol=1e-5) and torch.allclose(real, at_growth_level(x, level), atol=1e-5)
+
+
+def growing_d(seed=0, **kw):
+    torch.manual_seed(seed)
+    return modules.Discriminator(32, 1, channel_base=256, channel_max=16, mbstd_group=2, **kw).eval()
+
+
+def test_a_growing_discriminator_enters_at_the_images_resolution_and_fades_like_g():
+    D, fixed = growing_d(grow=True), growing_d()
+    fixed.load_state_dict({k: v for k, v in D.state_dict().items() if not k.startswith("from_img_low.")})
+    x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(D(x), fixed(x))  # fully grown: the lower from-image convs are not used
+        half = modules.downsample2x(x)
+        D.level = 2.0  # 16x16: enter at the 16x16 block through its own from-image conv
+        entered = D.blocks[D.starts[16]:](D.from_img_low["16"](half))
+        assert torch.allclose(D.features(half), entered, atol=1e-6)
+        assert torch.allclose(D.features(x), entered, atol=1e-6)  # a full-size image is taken down first
+        D.level = 2.5  # 32x32 fading in: half its block's output, half the 16x16 entry
+        top = D.blocks[:D.starts[16]](D.from_img(x))
+        assert torch.allclose(D.features(x), D.blocks[D.starts[16]:]((top + D.from_img_low["16"](half)) / 2),
+                              atol=1e-5)
+
+
+def test_channel_min_widens_only_the_thin_layers():
+    assert [modules.channels_at(r, 1024, 64, 16) for r in (4, 32, 64, 128, 256)] == [64, 32, 16, 16, 16]
+    assert [modules.channels_at(r, 1024, 64) for r in (64, 128, 256)] == [16, 8, 4]
+
+
+def test_an_older_progressive_checkpoint_is_refused_on_resume_and_a_fixed_d_initialises_a_growing_one():
+    D, fixed = growing_d(grow=True), growing_d(seed=1)
+    cfg = settings.resolve_settings({"PROGRESSIVE": True}, "", "smoke")
+    with pytest.raises(settings.UserError, match="--init-from"):
+        training.restore(None, dict(class_names=[], D=fixed.state_dict()), cfg, SimpleNamespace(class_names=[]))
+    lower = {k: v.clone() for k, v in D.state_dict().items() if k.startswith("from_img_low.")}
+    training.load_d_weights(D, fixed.state_dict())
+    assert torch.equal(D.from_img.weight, fixed.from_img.weight)
+    assert all(torch.equal(D.state_dict()[k], v) for k, v in lower.items())  # its own, kept
+    training.load_d_weights(fixed, D.state_dict())  # and back: a fixed D leaves them out
+
+
 def test_reals_at_a_growth_level_keep_only_its_detail():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1
@@ -81,17 +146,18 @@ def test_progressive_run_shows_d_reals_at_the_level_grows_and_resumes(data, tmp_
     d_step = training.d_step
 
     def recording(run, cfg, real, labels, regularize):
-        seen.append((run.G.synthesis.level, variation(real)))
+        seen.append((run.G.synthesis.level, real.shape[-1], run.D.level))
         return d_step(run, cfg, real, labels, regularize)
 
     monkeypatch.setattr(training, "d_step", recording)
     flags = ["--progressive", "--progressive-kimg", "0.032", "--epochs", "3", "--eval-every", "0", "--device", "cpu"]
     # smoke preset, batch 8: 32 images per resolution, so 16 at a level and 16 fading in the next
     assert train.main(smoke(data, tmp_path / "straight", "--max-steps", "13", *flags)) == 0
-    levels = [level for level, _ in seen]
+    levels = [level for level, _, _ in seen]
     assert levels == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.5, 2.0, 2.0, 2.0, 2.5, None]
-    detail = {level: v for level, v in seen}
-    assert detail[0.0] < 0.5 * detail[2.0] < 0.5 * detail[None]  # D sees what G can draw so far
+    assert all(d_level == level for level, _, d_level in seen)  # D grows with G
+    # D sees real slices at the resolution G draws so far: 4x4, then 8x8 from the fade-in of 8x8 on
+    assert [size for _, size, _ in seen] == [4, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 32, 32]
 
     state, _ = checkpoints.load_checkpoint(tmp_path / "straight" / "Models")
     assert checkpoints.checkpoint_growth_level(state) is None  # fully grown: generates at full resolution
@@ -115,3 +181,25 @@ def test_progressive_is_off_by_default(data, tmp_path):
     assert train.main(smoke(data, tmp_path, "--max-steps", "1", "--eval-every", "0")) == 0
     state, _ = checkpoints.load_checkpoint(tmp_path / "Models")
     assert checkpoints.checkpoint_growth_level(state) is None
+
+
+def test_a_run_can_start_growing_at_a_higher_resolution(data, tmp_path, monkeypatch):
+    sizes = []
+    d_step = training.d_step
+
+    def recording(run, cfg, real, labels, regularize):
+        sizes.append(real.shape[-1])
+        return d_step(run, cfg, real, labels, regularize)
+
+    monkeypatch.setattr(training, "d_step", recording)
+    flags = ["--progressive", "--progressive-start", "16", "--progressive-hold-kimg", "0.016", "--progressive-kimg",
+             "0.032", "--max-steps", "6", "--eval-every", "0", "--device", "cpu"]
+    assert train.main(smoke(data, tmp_path, *flags)) == 0
+    # batch 8: 16 images held at 16x16, the stage's first 16 still there, then 32x32 fading in
+    assert sizes == [16, 16, 16, 16, 16, 32]
+
+
+@pytest.mark.parametrize("flags,needle", [(["--progressive-start", "48"], "--progressive-start must be a power"),
+                                          (["--progressive-start", "64"], "--progressive-start 64 is above")])
+def test_a_progressive_start_must_be_a_resolution_of_the_model(data, tmp_path, capsys, flags, needle):
+    assert_user_error(capsys, train.main(smoke(data, tmp_path, *flags)), needle)

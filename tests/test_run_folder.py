@@ -22,10 +22,6 @@ import train
 REPO = Path(__file__).resolve().parents[1]
 
 
-
-
-
-
 def assert_same_weights(a, b):
     for net in ("G", "D", "G_ema"):
         for k in a[net]:
@@ -46,8 +42,8 @@ def test_a_second_fresh_run_into_the_same_folder_is_refused_and_overwrite_starts
     first = (tmp_path / "Models" / "checkpoint_00000008.pt").read_bytes()
     capsys.readouterr()
     code = train.main(smoke(data, tmp_path, "--max-steps", "8", "--seed", "5", *QUICK))
-    line = assert_user_error(capsys, code, str(tmp_path / "Models"), "--resume", "--out-dir", "--overwrite")
-    assert "checkpoint_00000008.pt" in line
+    line = assert_user_error(capsys, code, str(tmp_path), "--resume", "--out-dir", "--overwrite")
+    assert "Models/checkpoint_00000008.pt and 2 more" in line  # the newest, an older one, stats.jsonl
     assert (tmp_path / "Models" / "checkpoint_00000008.pt").read_bytes() == first  # untouched
     assert json.loads((tmp_path / "saved_examples" / "32x32" / "config.json").read_text())["seed"] == 0
 
@@ -98,7 +94,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(data, tmp_path, capsys):
     lock.write_text(f"{dead.pid} {socket.gethostname()}\n")
     assert train.main(smoke(data, tmp_path, "--max-steps", "1", *QUICK)) == 0
     err = capsys.readouterr().err
-    assert f"taking over {lock}, left by PID {dead.pid}" in err
+    assert f"taking over {lock}, left by PID {dead.pid} on {socket.gethostname()}: no process holds" in err
     assert not lock.exists() and steps_of(tmp_path / "Models") == [1]
 
 
@@ -120,11 +116,26 @@ def test_the_pid_decides_where_the_file_system_has_no_flock(tmp_path, monkeypatc
     assert not lock.exists()
 
 
-def test_flock_refuses_a_second_holder(tmp_path):
+def test_flock_refuses_a_second_holder_even_when_the_lock_file_is_deleted(tmp_path):
     with run_folder.RunLock(tmp_path):
         with pytest.raises(settings.UserError, match=f"PID {os.getpid()}"):
             with run_folder.RunLock(tmp_path):
                 pass
+        (tmp_path / run_folder.LOCK_FILE).unlink()  # the flock is on the folder itself
+        with pytest.raises(settings.UserError, match="its PID not recorded"):
+            with run_folder.RunLock(tmp_path):
+                pass
+
+
+def test_taking_over_a_lock_says_what_was_checked(tmp_path, monkeypatch, capsys):
+    """A lock file naming a live process (PID 1) that holds no flock: taken over, without claiming the
+    process is gone; without flock, a live PID on this host holds the folder."""
+    lock = tmp_path / run_folder.LOCK_FILE
+    lock.write_text(f"1 {socket.gethostname()}\n")
+    with run_folder.RunLock(tmp_path):
+        pass
+    err = capsys.readouterr().err
+    assert "no process holds the folder's lock" in err and "no longer running" not in err
 
 
 def test_resume_path_from_another_folder_needs_an_empty_one(data, tmp_path, capsys):
@@ -133,7 +144,7 @@ def test_resume_path_from_another_folder_needs_an_empty_one(data, tmp_path, caps
     capsys.readouterr()
     source = tmp_path / "a" / "Models" / "checkpoint_00000002.pt"
     code = train.main(["--resume", str(source), "--out-dir", str(tmp_path / "b"), "--max-steps", "3"])
-    assert_user_error(capsys, code, str(tmp_path / "b" / "Models"), "--out-dir")
+    assert_user_error(capsys, code, f"{tmp_path / 'b'} holds another run", "--out-dir")
     assert train.main(["--resume", str(source), "--out-dir", str(tmp_path / "c"), "--max-steps", "3"]) == 0
     assert steps_of(tmp_path / "c" / "Models") == [3] and steps_of(tmp_path / "a" / "Models") == [2]
     code = train.main(["--resume", str(tmp_path / "a" / "Models")])
@@ -218,3 +229,45 @@ SCHEDULE = ("--kimg", "0.1", "--snapshot-kimg", "0.04", "--tick-kimg", "0.016", 
 
 def lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def fake_run(out, steps, best=None):
+    """A run folder with checkpoints at `steps` and best.pt from step `best` ("garbage": unreadable)."""
+    models = out / "Models"
+    for step in steps:
+        checkpoints.save_checkpoint(dict(step=step), checkpoints.checkpoint_path(models, step))
+    if best == "garbage":
+        (models / "best.pt").write_bytes(b"not a checkpoint")
+    elif best is not None:
+        checkpoints.save_checkpoint(dict(step=best), models / "best.pt")
+    return models
+
+
+def test_a_folder_holding_only_best_pt_is_another_runs_and_overwrite_removes_it(tmp_path):
+    models = fake_run(tmp_path, [], best=3)
+    with pytest.raises(settings.UserError, match="best.pt"):
+        run_folder.earlier_run(tmp_path, overwrite=False)
+    earlier = run_folder.earlier_run(tmp_path, overwrite=True)
+    run_folder.clear_for_fresh_run(tmp_path, settings.resolve_settings({}, "", "smoke"), earlier)
+    assert not (models / "best.pt").exists()
+
+
+@pytest.mark.parametrize("best,moved", [(2, False), (4, True), ("garbage", True)])
+def test_resuming_moves_best_pt_aside_only_when_it_is_newer_or_unreadable(tmp_path, best, moved):
+    """Resuming step 2 of a run that went on to step 4: best.pt of step 2 stays, of step 4 moves, and
+    one that cannot be read counts as newer (it may be)."""
+    models = fake_run(tmp_path, [2, 4], best=best)
+    run_folder.supersede_newer(tmp_path, 2, 0)
+    assert not (models / "checkpoint_00000004.pt").exists() and (models / "checkpoint_00000002.pt").exists()
+    assert (models / "best.pt").exists() != moved
+    assert bool(list((models / run_folder.SUPERSEDED).rglob("best.pt"))) == moved
+
+
+@pytest.mark.parametrize("left", ["Models/checkpoint_final.pt", "stats.jsonl", "metrics.jsonl"])
+def test_any_checkpoint_file_or_log_makes_a_used_folder(data, tmp_path, capsys, left):
+    (tmp_path / left).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / left).write_text("an earlier run's")
+    assert_user_error(capsys, train.main(smoke(data, tmp_path, "--max-steps", "1", *QUICK)), left)
+    assert (tmp_path / left).read_text() == "an earlier run's"
+    assert train.main(smoke(data, tmp_path, "--max-steps", "1", "--overwrite", *QUICK)) == 0
+    assert not (tmp_path / left).exists() or left != "Models/checkpoint_final.pt"

@@ -318,3 +318,13 @@ def test_every_script_reports_errors_through_one_wrapper(capsys):
         failing(ZeroDivisionError())()
     for script in (train, generate_images, evaluate, bench, convert):
         assert script.main.__wrapped__  # each script's main is wrapped by settings.command
+
+
+@pytest.mark.parametrize("flags,needle", [(["--data-splits", "train,train"], "--data-splits names train twice"),
+                                          (["--data-root", " "], "--data-root is empty"),
+                                          (["--kimg", "1e-9"], "--kimg 1e-09 is less than one batch (8 images)"),
+                                          (["--resume", "--overwrite"], "--resume continues the run")])
+def test_contradictory_or_empty_settings_are_one_line(data, tmp_path, capsys, flags, needle):
+    argv = smoke(data, tmp_path, *QUICK) + flags  # a later --data-root replaces the shared one
+    assert_user_error(capsys, train.main(argv), needle)
+    assert not (tmp_path / "Models").exists()

@@ -16,11 +16,11 @@ from conftest import QUICK, assert_user_error, smoke, write_images
 from PIL import Image
 
 import checkpoints
+import evaluate
 import generate_images
 import losses
 import ops
 import run_folder
-import run_outputs
 import settings
 import train
 import training
@@ -49,16 +49,44 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_checkpoints(data,
     assert checkpoints.load_checkpoint(tmp_path / "Models")[0]["step"] == 6
 
 
-def test_a_full_disk_while_writing_a_sample_grid_is_one_line(data, tmp_path, monkeypatch, capsys):
-    def full(images, path, *args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+def full_disk(self, fp, *args, **kwargs):
+    """PIL's save on a full disk: part of the file written, then ENOSPC."""
+    with open(fp, "wb") as f:
+        f.write(b"\x89PNG")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(run_outputs, "save_grid", full)
+
+def test_a_full_disk_while_writing_a_sample_grid_is_one_line(data, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+    monkeypatch.setattr(Image.Image, "save", full_disk)
     code = train.main(smoke(data, tmp_path, "--max-steps", "2", *QUICK))
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    reals = tmp_path / "saved_examples" / "32x32" / "reals.png"
     assert code == 1 and len(err) == 1, err
-    assert "reals.png" in err[0] and "No space left on device" in err[0]
+    assert f"cannot write {reals}: No space left on device" in err[0]
+    assert not reals.exists() and not list(reals.parent.glob("*.tmp"))  # no truncated grid left behind
     assert not (tmp_path / "Models" / run_folder.LOCK_FILE).exists()
+
+
+def test_generate_and_evaluate_on_a_full_disk_write_no_part_files(uncond_run, data, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    out = tmp_path / "gen"
+    code = generate_images.main(["--checkpoint", str(uncond_run / "Models"), "--out-dir", str(out), "--n", "2"])
+    line = assert_one_line(capsys, code)
+    assert "cannot write" in line and "seed0000.png" in line and not list(out.iterdir())
+    code = evaluate.main(["--checkpoint", str(uncond_run / "Models"), "--data-root", str(data), "--n", "16",
+                          "--out", str(tmp_path / "ev" / "evaluation.json")])
+    line = assert_one_line(capsys, code)
+    assert "memorisation.png: No space left on device" in line and not list((tmp_path / "ev").iterdir())
+
+
+def assert_one_line(capsys, code):
+    """Exit status 1 and exactly one line on stderr (tqdm's bars aside), no traceback."""
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if line.strip() and not line.startswith(("loading images", "\r"))]
+    assert code == 1 and len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
 
 
 SMOKE = ["--preset", "smoke", "--device", "cpu"]

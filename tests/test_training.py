@@ -236,3 +236,56 @@ def test_older_checkpoints_histories_take_todays_keys():
     wgan = training.history_of(dict(history=h, config=dict(loss="wgan-gp")))
     assert set(wgan) == {"loss_gen", "gp", "pl_penalty"} and wgan["pl_penalty"].sum() == 6
     assert set(training.HISTORY_KEYS) >= {"gp", "r1", "pl_penalty"}
+
+
+def data_of(real):
+    """The dataset train_step reads: uint8 images and labels."""
+    images = ((real + 1) * 127.5).round().to(torch.uint8)
+    return SimpleNamespace(images=images, labels=torch.zeros(len(images), dtype=torch.long), class_names=["AD"],
+                           channels=1)
+
+
+def test_the_ema_step_uses_the_half_life_ramped_to_the_images_seen(monkeypatch):
+    cfg, run, real = setup(ema_kimg=0.5, ema_rampup=0.05)
+    run.nimg = 800  # ramp-up: a half-life of min(500, 0.05 * 800) = 40 images, not 500
+    spy = Recorder(training.ema_update)
+    monkeypatch.setattr(training, "ema_update", spy)
+    training.train_step(run, cfg, data_of(real), torch.arange(8))
+    (args, _), = spy.calls
+    assert args[0] is run.G_ema and args[1] is run.G
+    assert args[2] == pytest.approx(0.5 ** (cfg.batch_size / 40), rel=1e-12)
+
+
+def test_the_path_length_penalty_sees_a_fraction_of_the_batch(monkeypatch):
+    cfg, run, real = setup(pl_batch_shrink=4, pl_weight=1.0)
+    spy = Recorder(losses.path_length_penalty)
+    monkeypatch.setattr(training, "path_length_penalty", spy)
+    training.g_step(run, cfg, None, len(real), regularize=True)
+    (args, _), = spy.calls
+    assert args[0].shape[0] == args[1].shape[0] == 8 // 4
+
+
+def test_ada_moves_p_by_the_real_scores_every_iteration(monkeypatch):
+    """r_t = E[sign(D(real))] (relative to the fakes for WGAN): the objective's real_sign gets D's
+    real scores first, the same ones its loss gets, and p's heuristic records every iteration."""
+    cfg, run, real = setup(augment="ada", loss="logistic")
+    losses_seen, signs_seen = Recorder(run.objective.d_loss), Recorder(run.objective.real_sign)
+    monkeypatch.setattr(run.objective, "d_loss", losses_seen)
+    monkeypatch.setattr(run.objective, "real_sign", signs_seen)
+    updates = Recorder(run.aug.update)
+    monkeypatch.setattr(run.aug, "update", updates)
+    for _ in range(3):
+        training.train_step(run, cfg, data_of(real), torch.arange(8))
+        run.step += 1
+    assert len(signs_seen.calls) == len(updates.calls) == 3
+    for (loss_args, _), (sign_args, sign) in zip(losses_seen.calls, signs_seen.calls):
+        assert torch.equal(sign_args[0], loss_args[0]) and torch.equal(sign_args[1], loss_args[1])
+        assert sign.item() == pytest.approx((sign_args[0] > 0).float().mean().item() * 2 - 1)
+
+
+def test_g_step_leaves_d_trainable_again_except_what_freeze_d_fixes():
+    cfg, run, real = setup(freeze_d=1)
+    frozen = {id(p) for p in training.frozen_d_parameters(run.D, 1)}
+    training.g_step(run, cfg, None, len(real), regularize=False)
+    assert all(p.requires_grad == (id(p) not in frozen) for p in run.D.parameters())
+    assert frozen and any(p.requires_grad for p in run.D.parameters())

@@ -1,21 +1,16 @@
 """utils.py: image grids, GIFs, loss plots, and the JSON-lines logs (a line cut short by a killed run is
 skipped)."""
+import errno
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-# ---------------------------------------------------------------------------------------
-# EMA
-# ---------------------------------------------------------------------------------------
 import utils
 from utils import append_jsonl, read_jsonl
-
-# ---------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------------------
@@ -99,3 +94,62 @@ def test_save_gif_bounces(tmp_path):
             levels.append(int(np.asarray(gif.convert("L"))[4, 4]))
     assert levels == [levels[0], levels[1], levels[2], levels[3], levels[2], levels[1]]
     assert levels[0] < levels[1] < levels[2] < levels[3]
+
+
+def full_disk(after=10):
+    """A write that puts `after` bytes on disk, then fails as a full disk does."""
+    def write(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"x" * after)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return write
+
+
+@pytest.mark.parametrize("writer", ["grid", "image", "gif", "figure", "json", "text"])
+def test_a_failed_write_leaves_no_file_and_names_the_path(tmp_path, monkeypatch, writer):
+    """Every writer goes through atomic_path: the target is never a truncated or empty file."""
+    import matplotlib.figure
+    from PIL import Image as PILImage
+    monkeypatch.setattr(PILImage.Image, "save", full_disk())
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk())
+    monkeypatch.setattr(Path, "write_text", lambda self, text: full_disk()(self, self))
+    images = torch.zeros(2, 1, 4, 4)
+    path = tmp_path / "out" / ("result." + {"gif": "gif", "json": "json", "text": "md"}.get(writer, "png"))
+    write = {"grid": lambda: utils.save_grid(images, path), "image": lambda: utils.save_image(images[0], path),
+             "gif": lambda: utils.save_gif(images[None].repeat(3, 1, 1, 1, 1), path),
+             "figure": lambda: utils.plot_losses({"loss_gen": [1.0, 2.0]}, path),
+             "json": lambda: utils.save_json({"a": 1}, path), "text": lambda: utils.save_text("| a |", path)}[writer]
+    with pytest.raises(OSError) as e:
+        write()
+    assert e.value.filename == str(path) and e.value.errno == errno.ENOSPC
+    assert list((tmp_path / "out").iterdir()) == []  # neither the file nor a temporary one
+
+
+def test_a_failed_log_line_is_taken_back(tmp_path, monkeypatch):
+    path = tmp_path / "stats.jsonl"
+    append_jsonl({"kimg": 1}, path)
+    before = path.read_bytes()
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def write(self, data):
+            self.f.write(data[:5])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", lambda *a, **k: Full(real_open(*a, **k)))
+    with pytest.raises(OSError) as e:
+        append_jsonl({"kimg": 2}, path)
+    monkeypatch.undo()
+    assert e.value.filename == str(path) and path.read_bytes() == before
