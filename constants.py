@@ -126,6 +126,7 @@ GEN_NOISE_MODE = "const"  # const (fixed noise maps) | random | none
 GEN_DEVICE = "auto"  # auto | cpu | cuda
 GEN_BATCH = 32  # images generated at once
 GEN_Z_FILE = ""  # samples: an N x z_dim .npy array of latents, one image per row (zNNNN.png), instead of --seeds
+GEN_W_FILE = ""  # samples: one image of a w: explore.py's exported .json, or a .npy of w_dim or num_ws x w_dim numbers
 GEN_MIX_SEEDS = "10,11,12,13,14"  # mixing: seeds of the columns, which give the styles outside --mix-layers
 GEN_MIX_LAYERS = "0-3"  # mixing: the style layers (0 = 4x4; two per resolution) taken from the row seeds: coarse 0-3
 GEN_INTERP = "seeds"  # interpolate: seeds (a path through --seeds) | classes (AD to NC at each seed's z)
@@ -145,6 +146,16 @@ GEN_PROJECT_NOISE_REG = 1e5  # project: weight of the noise-map regulariser (Sty
 # The projector's schedule (StyleGAN2's): z samples for the mean and spread of w; noise added to w (times
 # its spread), ramped down to 0 over w_noise_ramp of the steps; learning-rate ramps as fractions of the steps.
 PROJECTOR = dict(w_samples=10000, w_noise=0.05, w_noise_ramp=0.75, lr_rampup=0.05, lr_rampdown=0.25, seed=0)
+
+# --- the explorer (flags of explore.py, without the EXPLORE_ prefix) ------------------
+EXPLORE_CHECKPOINT = "Models"  # checkpoint file or folder (its newest checkpoint)
+EXPLORE_HOST = "127.0.0.1"  # address to listen on: loopback only (another address warns: the page has no login)
+EXPLORE_PORT = 7860  # port of the page, http://HOST:PORT (0: any free port)
+EXPLORE_DEVICE = "auto"  # auto | cpu | cuda
+EXPLORE_DATA_ROOT = ""  # training slices for "nearest training slice" (empty: the checkpoint's data)
+EXPLORE_DIRECTIONS = 6  # principal directions of W offered as sliders (GANSpace)
+EXPLORE_UPLOAD_MB = 8  # largest slice upload to project
+EXPLORE_PROJECT_STEPS = 200  # optimisation steps of a projection of an uploaded slice
 
 # --- evaluation (flags of evaluate.py, without the EVALUATE_ prefix) -------------------
 EVALUATE_CHECKPOINT = "Models"  # checkpoint file, or a folder whose newest checkpoint is used
@@ -181,6 +192,7 @@ CHOICES = {
     "GEN_INTERP": ("seeds", "classes"),
     "GEN_SPACE": ("w", "z"),
     "GEN_PROJECT_SPACE": ("w", "w+"),
+    "EXPLORE_DEVICE": ("auto", "cpu", "cuda"),
     "EVAL_METRIC": ("auto", "swd", "fid", "kid"),
     "EVALUATE_DEVICE": ("auto", "cpu", "cuda"),
 }
@@ -207,7 +219,8 @@ RANGES = {  # inclusive (low, high); None: unbounded
     "EVALUATE_BATCH": (1, None), "ROTATE": (0, 180), "JITTER": (0, 1),
     "AUGMENT_P": (0, 1), "ADA_TARGET": (0, 1), "ADA_INTERVAL": (1, None), "ADA_KIMG": (1e-6, None),
     "PROGRESSIVE_KIMG": (1e-6, None), "PROGRESSIVE_START": (4, None), "PROGRESSIVE_HOLD_KIMG": (0, None),
-    "CHANNEL_MIN": (0, None), "CONV_CLAMP": (0, None), "FREEZE_D": (0, None),
+    "CHANNEL_MIN": (0, None), "EXPLORE_PORT": (0, 65535), "EXPLORE_DIRECTIONS": (0, 32), "EXPLORE_UPLOAD_MB": (1, 1024),
+    "EXPLORE_PROJECT_STEPS": (1, 100000), "CONV_CLAMP": (0, None), "FREEZE_D": (0, None),
 }
 
 # --- presets: --preset NAME applies these before the flags ----------------------------

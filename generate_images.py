@@ -23,6 +23,7 @@ The checkpoint carries its own settings, so no architecture flag is needed. The 
 import deps  # noqa: F401  (first: stops with one line when this Python lacks a package)
 
 # isort: split
+import json
 import re
 import shutil
 import sys
@@ -37,6 +38,7 @@ from checkpoints import CHECKPOINT_KEYS, load_checkpoint, load_discriminator, lo
 from constants import RANGES
 from dataset import load_image, load_slices, to_model_range
 from distributed import resolve_device
+from latent import lerp, mix_styles, separability, slerp
 from ops import use_fast_kernels
 from projector import project, reconstruction_scores
 from sampling import images_from_latents, mapped, seed_latents, synthesize
@@ -135,9 +137,36 @@ def latents_file(path, z_dim):
     return torch.from_numpy(z.astype(np.float32))
 
 
+def w_file(path, G):
+    """--w-file: per-layer styles (num_ws, w_dim) from explore.py's exported JSON ("w") or a .npy of one
+    w (w_dim) or of per-layer styles."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".json":
+            w = np.asarray(json.loads(path.read_text())["w"], dtype=np.float64)
+        else:
+            w = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"--w-file {path}: no such file") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--w-file {path} is neither explore.py's export nor a .npy array of numbers "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    w_dim = G.mapping.w_avg.shape[1]
+    if w.dtype.kind not in "biuf" or w.shape not in ((w_dim,), (G.num_ws, w_dim)) or not np.isfinite(w).all():
+        raise UserError(f"--w-file {path} holds {w.dtype} of shape {list(w.shape)}; this generator needs {w_dim} or "
+                        f"{G.num_ws} x {w_dim} finite numbers")
+    w = torch.from_numpy(w.astype(np.float32))
+    return (w[None].expand(G.num_ws, -1) if w.dim() == 1 else w)[None]
+
+
 def run_samples(cfg, state, G, device, out):
     """seedNNNN.png (or zNNNN.png for --z-file) per image, written a batch at a time as they are drawn
-    (memory bounded by --batch, however large --n), grid.png of the first GRID_MAX, losses.png."""
+    (memory bounded by --batch, however large --n), grid.png of the first GRID_MAX, losses.png; or
+    the one image of --w-file (NAME.png, after the file)."""
+    if cfg.w_file:
+        image = synthesize(G, w_file(cfg.w_file, G), cfg.noise_mode, 1, device)[0]
+        save_image(image, out / f"{Path(cfg.w_file).stem}.png")
+        return f"the image of {cfg.w_file} (noise {cfg.noise_mode})"
     if cfg.z_file:
         z_all = latents_file(cfg.z_file, G.z_dim)
         count, names = len(z_all), lambda i: f"z{i:04d}"
@@ -237,14 +266,6 @@ def parse_layers(text, num_ws):
     return list(range(first, last + 1))
 
 
-def mix_styles(w_rows, w_cols, layers, num_ws):
-    """w (R, w_dim) and (C, w_dim) -> styles (R, C, num_ws, w_dim): the column's w except at `layers`,
-    which take the row's w."""
-    ws = w_cols[None, :, None].repeat(len(w_rows), 1, num_ws, 1)
-    ws[:, :, layers] = w_rows[:, None, None]
-    return ws
-
-
 def run_mixing(cfg, state, G, device, out):
     """Figure 3 of the StyleGAN paper: column images on top, row images on the left, their mixes inside."""
     rows, cols = parse_seeds(cfg.seeds, range(4)), parse_seeds(cfg.mix_seeds, flag="--mix-seeds")
@@ -265,20 +286,6 @@ def run_mixing(cfg, state, G, device, out):
 # ---------------------------------------------------------------------------------------
 # Interpolation
 # ---------------------------------------------------------------------------------------
-def lerp(a, b, t):
-    """Linear interpolation of (N, D) end points at fractions t (F,) -> (N, F, D)."""
-    return a[:, None] + t[None, :, None] * (b - a)[:, None]
-
-
-def slerp(a, b, t):
-    """Spherical interpolation between the directions of a and b (N, D) at fractions t (F,) -> (N, F, D),
-    unit vectors; the mapping network's pixel norm makes z's length irrelevant."""
-    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    omega = torch.acos((a * b).sum(-1).clamp(-1, 1))[:, None, None]  # (N, 1, 1)
-    t = t[None, :, None]
-    if float(omega.min()) < 1e-4:  # (nearly) the same direction
-        return F.normalize(lerp(a, b, t[0, :, 0]), dim=-1)
-    return (torch.sin((1 - t) * omega) * a[:, None] + torch.sin(t * omega) * b[:, None]) / torch.sin(omega)
 
 
 def seed_path_ws(G, state, cfg, seeds, frames, device):
@@ -379,18 +386,6 @@ def run_project(cfg, state, G, device, out):
 # ---------------------------------------------------------------------------------------
 # Style-space plot
 # ---------------------------------------------------------------------------------------
-def separability(w, classes, seed=0):
-    """Five-fold cross-validated accuracy of a logistic regression telling the classes apart from w,
-    and the accuracy of always guessing the largest class."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    counts = np.bincount(classes)
-    folds = StratifiedKFold(n_splits=int(min(5, counts[counts > 0].min())), shuffle=True, random_state=seed)
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    accuracy = cross_val_score(model, w, classes, cv=folds).mean()
-    return float(accuracy), float(counts.max() / counts.sum())
 
 
 def projected_reals(cfg, state, G, device):
@@ -490,6 +485,8 @@ def main(argv=None):
         raise UserError(f"--label is not used by --mode {cfg.mode}")
     if cfg.z_file and (cfg.mode != "samples" or cfg.seeds):
         raise UserError("--z-file takes the place of --seeds in --mode samples")
+    if cfg.w_file and (cfg.mode != "samples" or cfg.seeds or cfg.z_file):
+        raise UserError("--w-file takes the place of --seeds and --z-file in --mode samples")
     if cfg.label:
         class_index(state, cfg.label)
     summary = MODES[cfg.mode](cfg, state, G, device, out)

@@ -67,12 +67,13 @@ def w_statistics(G, weights, device, generator):
     return torch.stack(means)[index.to(device)], float(np.mean(spread))
 
 
-def project(G, D, targets, weights, cfg, device, snapshots=0):
+def project(G, D, targets, weights, cfg, device, snapshots=0, progress=None):
     """Optimise w (or W+) and per-image noise maps so that G's images match `targets` (N, C, R, R) in
     [-1, 1]: pixel MSE + the discriminator-feature distance + the noise regulariser, with the w
     noise and learning-rate schedule of the StyleGAN2 projector. `weights` (N, K) pick each target's
     class mean as the start (None: unconditional). Returns a dict of ws (N, num_ws, w_dim), noise
-    maps, images, the pixel MSE before and after (N,), and `snapshots` image sets along the way."""
+    maps, images, the pixel MSE before and after (N,), and `snapshots` image sets along the way;
+    `progress` (if given) is called with (steps done, steps) after each step."""
     G = copy.deepcopy(G)
     generator = torch.Generator().manual_seed(P["seed"])
     w_mean, w_spread = w_statistics(G, weights, device, generator)
@@ -115,6 +116,8 @@ def project(G, D, targets, weights, cfg, device, snapshots=0):
                 m.sub_(m.mean((1, 2, 3), keepdim=True)).mul_(m.square().mean((1, 2, 3), keepdim=True).rsqrt())
         if step in keep:
             pictures.append(render()[0].cpu())
+        if progress is not None:
+            progress(step + 1, cfg.project_steps)
     images, end = render()
     return dict(ws=w_opt.detach().expand(-1, G.num_ws, -1).cpu(), noise=[m.detach().cpu() for m in maps],
                 images=images.cpu(), pixel_start=start.cpu(), pixel_end=end.cpu(), snapshots=pictures)

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import constants
 
 INT64_MAX = 2**63 - 1  # the largest integer a setting may hold (torch and NumPy take int64)
-SCRIPT_PREFIXES = ("GEN_", "EVALUATE_", "CONVERT_")  # generate_images.py, evaluate.py, convert.py; the rest: train.py
+SCRIPT_PREFIXES = ("GEN_", "EVALUATE_", "CONVERT_", "EXPLORE_")  # generate_images, evaluate, convert, explore
 # Settings that define the networks' shape: a resumed run must keep them, --init-from takes them from its network.
 ARCHITECTURE = ("RESOLUTION", "IMAGE_MODE", "Z_DIM", "W_DIM", "MAPPING_LAYERS", "MAPPING_LR_MULT",
                 "CHANNEL_BASE", "CHANNEL_MAX", "CONDITIONAL", "MBSTD_GROUP", "SPECTRAL_NORM", "ATTENTION_RES",

@@ -9,7 +9,7 @@ import pytest
 import deps
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["train.py", "generate_images.py", "evaluate.py", "bench.py", "convert.py"]
+SCRIPTS = ["train.py", "generate_images.py", "evaluate.py", "bench.py", "convert.py", "explore.py"]
 
 
 def test_required_packages_reads_requirement_lines(tmp_path):

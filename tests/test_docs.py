@@ -14,6 +14,7 @@ import bench
 import convert
 import deps
 import evaluate
+import explore
 import generate_images
 import train
 from settings import build_parser
@@ -26,6 +27,7 @@ SCRIPTS = [("train.py", "", train, train.EXTRA_FLAGS, True),
            ("generate_images.py", "GEN_", generate_images, (), True),
            ("evaluate.py", "EVALUATE_", evaluate, (), True),
            ("convert.py", "CONVERT_", convert, convert.EXTRA_FLAGS, True),
+           ("explore.py", "EXPLORE_", explore, (), True),
            ("bench.py", "", bench, bench.EXTRA_FLAGS, False)]
 FLAGS_INTRO = ("Every flag of every script, as `python SCRIPT --help` prints it (this file is generated from "
                "the parsers: `UPDATE_DOCS=1 python -m pytest -q tests/test_docs.py`).\n")

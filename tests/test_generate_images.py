@@ -129,28 +129,6 @@ def state_and_G(run_dir):
     return state, checkpoints.load_generator(state, torch.device("cpu"))
 
 
-def test_slerp_ends_norm_and_half_angle():
-    a, b = torch.randn(3, 16), torch.randn(3, 16)
-    path = generate_images.slerp(a, b, torch.linspace(0, 1, 5))  # (3, 5, 16)
-    assert torch.allclose(path[:, 0], torch.nn.functional.normalize(a, dim=-1), atol=1e-6)
-    assert torch.allclose(path[:, -1], torch.nn.functional.normalize(b, dim=-1), atol=1e-6)
-    assert torch.allclose(path.norm(dim=-1), torch.ones(3, 5), atol=1e-5)
-    angle = lambda u, v: torch.acos((u * v).sum(-1).clamp(-1, 1))  # noqa: E731
-    assert torch.allclose(angle(path[:, 0], path[:, 2]), angle(path[:, 2], path[:, 4]), atol=1e-5)
-    same = generate_images.slerp(a, 2 * a, torch.linspace(0, 1, 3))  # parallel vectors: no division by sin(0)
-    assert torch.isfinite(same).all()
-
-
-def test_mix_styles_takes_row_w_only_at_the_chosen_layers():
-    w_rows, w_cols = torch.randn(2, 4), torch.randn(3, 4)
-    ws = generate_images.mix_styles(w_rows, w_cols, [0, 1], num_ws=6)  # (2, 3, 6, 4)
-    assert ws.shape == (2, 3, 6, 4)
-    for i in range(2):
-        for j in range(3):
-            assert torch.equal(ws[i, j, :2], w_rows[i].expand(2, -1))
-            assert torch.equal(ws[i, j, 2:], w_cols[j].expand(4, -1))
-
-
 @pytest.mark.parametrize("text,expected", [("0-3", [0, 1, 2, 3]), ("5", [5]), (" 2 - 7 ", [2, 3, 4, 5, 6, 7])])
 def test_parse_layers(text, expected):
     assert generate_images.parse_layers(text, 8) == expected
@@ -160,17 +138,6 @@ def test_parse_layers(text, expected):
 def test_parse_layers_rejects(text):
     with pytest.raises(settings.UserError, match="--mix-layers"):
         generate_images.parse_layers(text, 8)
-
-
-def test_separability_of_separable_and_random_classes():
-    rng = np.random.default_rng(0)
-    w = rng.normal(size=(80, 8))
-    classes = np.repeat([0, 1], 40)
-    shifted = w + classes[:, None] * 3.0
-    acc, chance = generate_images.separability(shifted, classes)
-    assert acc > 0.95 and chance == 0.5
-    acc_random, _ = generate_images.separability(w, rng.permutation(classes))
-    assert acc_random < 0.8
 
 
 def test_mixing_grid_layout_and_crossover(cond_run, tmp_path):
