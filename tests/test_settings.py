@@ -97,7 +97,8 @@ def test_out_dir_on_a_file_is_refused_before_any_work(data, tmp_path, uncond_run
     assert afile.read_text() == "x"
 
 
-TOKENS = re.compile(r"\b(train|generate_images|evaluate|bench|explore)\.py\b|\b(torchrun)\b|(?<![\w-])(--[a-z][a-z0-9-]*)")
+TOKENS = re.compile(r"\b(train|generate_images|evaluate|bench|explore)\.py\b|\b(torchrun)\b"
+                    r"|(?<![\w-])(--[a-z][a-z0-9-]*)")
 
 
 def accepted_flags(script):
