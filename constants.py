@@ -58,6 +58,7 @@ LOSS = "wgan-gp"  # wgan-gp (critic with gradient penalty and drift) | logistic 
 GP_LAMBDA = 10.0  # WGAN-GP gradient-penalty weight
 DRIFT = 0.001  # WGAN-GP drift penalty on real scores
 R1_GAMMA = 10.0  # logistic: R1 penalty weight
+R1_GAMMA_RES = 0  # R1's weight is R1_GAMMA at this resolution and grows with its square (progressive; 0: fixed)
 WGAN_R1_GAMMA = 0.0  # wgan-gp: weight of an R1 penalty on real images added to the gradient penalty (e.g. 0.002)
 D_REG_INTERVAL = 4  # iterations between D penalties (GP or R1), applied with gain equal to the interval
 PL_WEIGHT = 2.0  # path-length penalty weight (0: off)
@@ -206,7 +207,8 @@ RANGES = {  # inclusive (low, high); None: unbounded
     "G_LR": (0, None), "D_LR": (0, None), "ADAM_BETAS": (0, 0.9999),
     "LR_CYCLE_STEPS": (1, None), "LR_CYCLE_MIN": (0, 1), "LR_STEP_EPOCHS": (1, None),
     "LR_STEP_FACTOR": (0, None), "GP_LAMBDA": (0, None), "DRIFT": (0, None),
-    "R1_GAMMA": (0, None), "WGAN_R1_GAMMA": (0, None), "D_REG_INTERVAL": (1, None), "PL_WEIGHT": (0, None),
+    "R1_GAMMA": (0, None), "R1_GAMMA_RES": (0, None), "WGAN_R1_GAMMA": (0, None), "D_REG_INTERVAL": (1, None),
+    "PL_WEIGHT": (0, None),
     "PL_INTERVAL": (1, None), "MODE_SEEKING": (0, None), "PL_DECAY": (0, 1), "PL_BATCH_SHRINK": (1, None),
     "EMA_KIMG": (0, None), "EMA_RAMPUP": (0, None), "SEED": (0, 2**63 - 1),
     "SAMPLE_EVERY": (1, None), "SAMPLE_COUNT": (1, 256), "CHECKPOINT_EVERY": (1, None),

@@ -103,9 +103,9 @@ class Objective:
         zero = fake_pred.mean() if self.wgan else 0.0
         return (real_pred - zero).sign().mean().detach()
 
-    def d_penalty(self, critic, real, fake):
+    def d_penalty(self, critic, real, fake, r1_scale=1.0):
         """D's penalty (before the lazy-regularisation gain) and what to log: the gradient penalty as
-        `gp`, R1 as `r1`."""
+        `gp`, R1 as `r1` (its weight times `r1_scale`)."""
         total, logged = 0.0, {}
         if self.gp_lambda > 0:
             gp = gradient_penalty(critic, real, fake)
@@ -113,6 +113,6 @@ class Objective:
         if self.r1_gamma > 0:
             real = real.detach().requires_grad_(True)
             r1 = r1_penalty(critic(real), real)
-            total = total + r1 * (self.r1_gamma / 2)
+            total = total + r1 * (self.r1_gamma * r1_scale / 2)
             logged["r1"] = r1
         return total, {k: v.detach() for k, v in logged.items()}

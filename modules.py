@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ops import conv2d
+from ops import activations, conv2d
 
 SQRT2 = math.sqrt(2)  # StyleGAN2's gain after leaky ReLU (slope 0.2), which keeps unit variance; the
 # layers carry it in their weights and biases (lrelu(g x) = g lrelu(x) for g > 0): one pass fewer over x
@@ -354,7 +354,7 @@ class SynthesisNetwork(nn.Module):
 
     def forward(self, ws, noise_mode="random", full_size=True):  # ws (N, num_ws, w_dim) -> (N, C, R, R)
         """`full_size` False: a growing generator's image at the resolution its level has reached."""
-        x = self.const[None].expand(ws.shape[0], -1, -1, -1)
+        x = activations(self.const[None].expand(ws.shape[0], -1, -1, -1))
         x = self.conv(x, ws[:, 0], noise_mode)
         img = self.to_img(x, ws[:, 1])
         for i, (block, res) in enumerate(zip(self.blocks, self.resolutions)):
@@ -515,6 +515,7 @@ class Discriminator(nn.Module):
     def features(self, img):  # (N, C, r, r) -> (N, ch(4), 4, 4)
         """Each image's own features: the blocks' output, before the minibatch standard deviation.
         Images below the full resolution (a growing D) enter at their resolution's block."""
+        img = activations(img)
         if self.level is not None:  # larger images (full-size ones) are taken down to the level's resolution
             while img.shape[-1] > 4 * 2 ** math.ceil(self.level):
                 img = downsample2x(img)

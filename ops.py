@@ -248,10 +248,21 @@ def keep_freed_memory():
     return bool(libc.mallopt(m_mmap_threshold, 2**30) and libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
+LAYOUT = dict(channels_last=False)  # set by use_fast_kernels: True on the CPU
+
+
+def activations(x):
+    """x in the memory layout the networks' activations take: channels-last on the CPU, where oneDNN's
+    convolutions of thin, large activations run faster in it (docs/speed.md); as it is elsewhere."""
+    return x.contiguous(memory_format=torch.channels_last) if LAYOUT["channels_last"] and x.dim() == 4 else x
+
+
 def use_fast_kernels(device, winograd="auto"):
     """The process-wide speed settings each script makes once it knows its device: Winograd's
-    convolution where it is faster (--winograd) and malloc keeping freed memory."""
+    convolution where it is faster (--winograd), channels-last activations on the CPU, and malloc
+    keeping freed memory."""
     use_winograd(winograd, device)
+    LAYOUT["channels_last"] = device.type == "cpu"
     keep_freed_memory()
 
 

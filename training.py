@@ -250,10 +250,17 @@ def d_step(run, cfg, real, labels, regularize):
     if run.augment is not None:
         stats["real_sign"] = run.objective.real_sign(real_pred, fake_pred)
     if regularize:
-        penalty, logged = run.objective.d_penalty(lambda x: run.D(augment(run, x), labels), real, fake)
+        penalty, logged = run.objective.d_penalty(lambda x: run.D(augment(run, x), labels), real, fake,
+                                                  r1_scale(cfg, real.shape[-1]))
         stats["grad_d_reg"] = optimizer_step(run.opt_D, penalty * run.intervals["D"])
         stats.update(logged)
     return stats
+
+
+def r1_scale(cfg, resolution):
+    """R1's weight at the resolution D sees, relative to R1_GAMMA: (resolution / R1_GAMMA_RES)^2, so
+    that a growing D keeps one strength of regularisation per pixel area (1 when R1_GAMMA_RES is 0)."""
+    return (resolution / cfg.r1_gamma_res) ** 2 if cfg.r1_gamma_res else 1.0
 
 
 def g_step(run, cfg, labels, batch_size, regularize):

@@ -20,12 +20,13 @@ torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))
 
 @pytest.fixture(autouse=True)
 def winograd_as_imported():
-    """train.py and bench.py switch Winograd's convolution on for the CPU (a module-wide setting); every
-    test starts from the module's default, off."""
+    """The scripts switch Winograd's convolution and channels-last activations on for the CPU (module-wide
+    settings); every test starts from the module's defaults, off."""
     import ops
-    saved = dict(ops.WINOGRAD)
+    saved, layout = dict(ops.WINOGRAD), dict(ops.LAYOUT)
     yield
     ops.WINOGRAD.update(saved)
+    ops.LAYOUT.update(layout)
 
 
 def assert_user_error(capsys, code, *needles):

@@ -5,10 +5,15 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from conftest import assert_user_error, smoke
 from PIL import Image
 
+import checkpoints
+import dataset
 import evaluate
+import metrics
+import settings
 import train
 
 
@@ -38,9 +43,20 @@ def test_evaluate_cli_with_inception_weights_and_cas(cond_run, data, tmp_path, i
                           "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["features"] == "inception" and results["fid"] > 0 and np.isfinite(results["kid"])
+    # the same figures as the Evaluator gives for that checkpoint, data and seed with those weights
+    state, _ = checkpoints.load_checkpoint(cond_run / "Models")
+    data_set = dataset.load_slices(settings.checkpoint_settings(state, str(data)))
+    inception = metrics.load_inception(str(inception_file), torch.device("cpu"))
+    evaluator = metrics.Evaluator(data_set.images, data_set.labels, 16, 0, inception,
+                                  heldout=metrics.heldout_slices(settings.checkpoint_settings(state, str(data)),
+                                                                 data_set))
+    again = evaluator(checkpoints.load_generator(state, torch.device("cpu")), torch.device("cpu"))
+    assert results["fid"] == pytest.approx(again["fid"], rel=1e-6) and results["kid"] == pytest.approx(again["kid"])
     assert set(results["cas"]) == {"real", "synthetic", "real+synthetic"}
-    for scores in results["cas"].values():
-        assert 0 <= scores["accuracy"] <= 1 and 0 <= scores["auc"] <= 1
+    test_size = 2 * 24  # the shared data's test split: 24 slices per class
+    for scores in results["cas"].values():  # accuracy counts whole test slices
+        assert 0 <= scores["auc"] <= 1 and scores["accuracy"] * test_size == pytest.approx(
+            round(scores["accuracy"] * test_size), abs=1e-6)
     assert "CAS, trained on synthetic" in out.with_suffix(".md").read_text()
 
 

@@ -289,3 +289,13 @@ def test_g_step_leaves_d_trainable_again_except_what_freeze_d_fixes():
     training.g_step(run, cfg, None, len(real), regularize=False)
     assert all(p.requires_grad == (id(p) not in frozen) for p in run.D.parameters())
     assert frozen and any(p.requires_grad for p in run.D.parameters())
+
+
+def test_r1_grows_with_the_square_of_the_resolution_d_sees(monkeypatch):
+    """--r1-gamma-res 16: R1 weighs R1_GAMMA at 16x16 and four times that at the 32x32 of this model."""
+    cfg, run, real = setup(loss="logistic", r1_gamma=2.0, d_reg_interval=1, r1_gamma_res=16)
+    steps = Recorder(training.optimizer_step)
+    monkeypatch.setattr(training, "optimizer_step", steps)
+    stats = training.d_step(run, cfg, real, None, regularize=True)
+    assert steps.calls[1][0][1].item() == pytest.approx(stats["r1"].item() * 2.0 * 4 / 2, rel=1e-5)
+    assert training.r1_scale(cfg, 64) == 16 and training.r1_scale(setup()[0], 64) == 1.0
