@@ -293,6 +293,14 @@ def handler_for(explorer, page, upload_limit):
             self.end_headers()
             self.wfile.write(data)
 
+        def discard(self, length):
+            """Read a refused upload away (up to a bound), so that the client gets the answer, not a reset."""
+            if length > 64 * upload_limit or length < 0:
+                self.close_connection = True
+                return
+            while length > 0:
+                length -= len(self.rfile.read(min(length, 2**16))) or length
+
         def do_GET(self):
             routes = {"/": lambda: (page, "text/html; charset=utf-8"), "/api/info": explorer.info,
                       "/api/project": explorer.projection_status}
@@ -313,6 +321,7 @@ def handler_for(explorer, page, upload_limit):
             except ValueError:
                 length = -1
             if not 0 <= length <= upload_limit:
+                self.discard(length)
                 return self.send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                  dict(error=f"the upload is larger than {upload_limit // 2**20} MB: refused"))
             body = self.rfile.read(length)
