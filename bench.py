@@ -14,6 +14,7 @@ import deps  # noqa: F401  (first: stops with one line when this Python lacks a 
 # isort: split
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -254,9 +255,11 @@ def check_node(given, tiny):
             raise UserError(f"{script} in the node check failed: {last_line(out / log)} (all of it in {out / log})")
     kimg, sec_per_kimg, img_per_s, memory = training_speed(run / "stats.jsonl")
     figures = json.loads(evaluation.read_text())
+    levels = {k[4:]: v for k, v in figures.items() if re.fullmatch(r"swd_\d+", k)}  # "256": SWD at 256x256, ...
     summary = dict(device=describe_device(device), bench=benches, train_preset=check["train_preset"], data=data_root,
                    train_seconds=check["train_seconds"], kimg=kimg, sec_per_kimg=sec_per_kimg, img_per_s=img_per_s,
                    train_peak_mem_mb=memory, evaluation={k: figures.get(k) for k in NODE_FIGURES},
+                   swd_levels=levels, resolution=max(map(int, levels), default=None),
                    grid=str(out / "samples" / "grid.png"), total_seconds=time.perf_counter() - start)
     save_json(summary, out / "summary.json")
     return summary
@@ -274,7 +277,9 @@ def node_report(s):
     e = s["evaluation"]
     lines.append(f"  evaluation: SWD {e['swd']:.1f}, MS-SSIM {e['ms_ssim_fake']:.3f} (real {e['ms_ssim_real']:.3f}), "
                  f"precision {e['precision']:.3f}, recall {e['recall']:.3f}, copy_rate {e['copy_rate']:.3f}")
-    lines.append(f"  grid: {s['grid']}")
+    levels = ", ".join(f"{res}: {v:.1f}" for res, v in s.get("swd_levels", {}).items())
+    lines.append(f"  SWD per pyramid level (resolution: SWD): {levels}")
+    lines.append(f"  grid ({s['resolution']}x{s['resolution']}): {s['grid']}")
     return "\n".join(lines)
 
 

@@ -84,7 +84,9 @@ def test_node_check_tiny_benches_trains_evaluates_and_samples(data, tmp_path, ca
     assert s["evaluation"]["swd"] > 0 and 0 <= s["evaluation"]["recall"] <= 1
     assert (out / "samples" / "grid.png").is_file() and s["grid"] == str(out / "samples" / "grid.png")
     assert json.loads((out / "summary.json").read_text())["kimg"] == s["kimg"]
-    assert "node check on" in bench.node_report(s)
+    assert s["resolution"] == 32 and list(s["swd_levels"]) == ["32", "16"]  # every pyramid level, the largest first
+    report = bench.node_report(s)
+    assert "node check on" in report and "grid (32x32)" in report and f"32: {s['swd_levels']['32']:.1f}" in report
 
 
 def test_node_check_names_a_failed_training(tmp_path, capsys, monkeypatch):

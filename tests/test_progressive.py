@@ -46,8 +46,8 @@ def test_a_fading_resolution_blends_the_neighbouring_levels():
     G = generator()
     with torch.no_grad():
         ws = G.make_ws(torch.randn(3, 16))
-        low, high, half = image_at(G, ws, 1.0), image_at(G, ws, 2.0), image_at(G, ws, 1.5)
-        assert torch.allclose(half, (low + high) / 2, atol=1e-6)
+        low, high, quarter = image_at(G, ws, 1.0), image_at(G, ws, 2.0), image_at(G, ws, 1.25)
+        assert torch.allclose(quarter, 0.75 * low + 0.25 * high, atol=1e-6)
         assert torch.equal(image_at(G, ws, 3.0), image_at(G, ws, None))  # the top level is the full generator
         assert variation(image_at(G, ws, 0.0)) < 0.5 * variation(image_at(G, ws, None))
 
@@ -104,10 +104,10 @@ def test_a_growing_discriminator_enters_at_the_images_resolution_and_fades_like_
         entered = D.blocks[D.starts[16]:](D.from_img_low["16"](half))
         assert torch.allclose(D.features(half), entered, atol=1e-6)
         assert torch.allclose(D.features(x), entered, atol=1e-6)  # a full-size image is taken down first
-        D.level = 2.5  # 32x32 fading in: half its block's output, half the 16x16 entry
+        D.level = 2.25  # 32x32 a quarter faded in: 1/4 its block's output, 3/4 the 16x16 entry
         top = D.blocks[:D.starts[16]](D.from_img(x))
-        assert torch.allclose(D.features(x), D.blocks[D.starts[16]:]((top + D.from_img_low["16"](half)) / 2),
-                              atol=1e-5)
+        blend = 0.25 * top + 0.75 * D.from_img_low["16"](half)
+        assert torch.allclose(D.features(x), D.blocks[D.starts[16]:](blend), atol=1e-5)
 
 
 def test_channel_min_widens_only_the_thin_layers():
@@ -132,7 +132,7 @@ def test_reals_at_a_growth_level_keep_only_its_detail():
     x = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1
     assert at_growth_level(x, None) is x and at_growth_level(x, 3.0) is x  # fully grown: untouched
     low, high = at_growth_level(x, 1.0), at_growth_level(x, 2.0)
-    assert torch.allclose(at_growth_level(x, 1.5), (low + high) / 2, atol=1e-6)
+    assert torch.allclose(at_growth_level(x, 1.25), 0.75 * low + 0.25 * high, atol=1e-6)
     coarse = at_growth_level(x, 0.0)
     assert variation(coarse) < variation(low) < variation(high) < variation(x)
     assert variation(coarse) < 0.1 * variation(x)  # white noise: at 4x4 almost nothing is left
