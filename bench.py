@@ -277,7 +277,7 @@ def node_report(s):
     e = s["evaluation"]
     lines.append(f"  evaluation: SWD {e['swd']:.1f}, MS-SSIM {e['ms_ssim_fake']:.3f} (real {e['ms_ssim_real']:.3f}), "
                  f"precision {e['precision']:.3f}, recall {e['recall']:.3f}, copy_rate {e['copy_rate']:.3f}")
-    levels = ", ".join(f"{res}: {v:.1f}" for res, v in s.get("swd_levels", {}).items())
+    levels = ", ".join(f"{res}: {v:.1f}" for res, v in s["swd_levels"].items())
     lines.append(f"  SWD per pyramid level (resolution: SWD): {levels}")
     lines.append(f"  grid ({s['resolution']}x{s['resolution']}): {s['grid']}")
     return "\n".join(lines)

@@ -5,8 +5,8 @@ Needs selenium and Debian's chromium and chromium-driver, as tests/test_explore.
 """
 import argparse
 import json
+import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +15,6 @@ from pathlib import Path
 from selenium import webdriver
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(browser, script, seconds=120):
@@ -40,17 +34,20 @@ def main():
     parser.add_argument("--mix-seed", type=int, default=3)
     parser.add_argument("--direction", type=float, default=1.5, help="the first direction slider's value")
     args = parser.parse_args()
-    port = free_port()
     server = subprocess.Popen([sys.executable, str(REPO / "explore.py"), "--checkpoint", args.checkpoint,
-                               "--port", str(port)], stdout=subprocess.PIPE, text=True)
-    print(server.stdout.readline().strip())
+                               "--port", "0"], stdout=subprocess.PIPE, text=True)  # 0: any free port
+    started = server.stdout.readline().strip()
+    print(started)
+    address = re.search(r"http://\S+", started)
+    if address is None:
+        sys.exit("explore.py did not start (its error is above)")
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000"):
         options.add_argument(flag)
     browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
     try:
-        browser.get(f"http://127.0.0.1:{port}/")
+        browser.get(address[0] + "/")
         wait_for(browser, "return document.body.dataset.drawn")
 
         def change(script):
