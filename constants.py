@@ -59,6 +59,7 @@ GP_LAMBDA = 10.0  # WGAN-GP gradient-penalty weight
 DRIFT = 0.001  # WGAN-GP drift penalty on real scores
 R1_GAMMA = 10.0  # logistic: R1 penalty weight
 R1_GAMMA_RES = 0  # R1's weight is R1_GAMMA at this resolution and grows with its square (progressive; 0: fixed)
+R1_GAMMA_POWER = 2.0  # with R1_GAMMA_RES: the weight goes as (resolution / R1_GAMMA_RES) ** this (< 0: weaker above)
 WGAN_R1_GAMMA = 0.0  # wgan-gp: weight of an R1 penalty on real images added to the gradient penalty (e.g. 0.002)
 D_REG_INTERVAL = 4  # iterations between D penalties (GP or R1), applied with gain equal to the interval
 PL_WEIGHT = 2.0  # path-length penalty weight (0: off)
@@ -69,7 +70,7 @@ MODE_SEEKING = 0.0  # mode-seeking weight (Mao et al. 2019): G pays for latent p
 EMA_KIMG = 10.0  # half-life of the generator's moving average, in thousands of images
 EMA_RAMPUP = 0.05  # EMA half-life is at most this fraction of the images seen so far (0: off)
 SEED = 0  # seed of every random choice: same seed, same run
-INIT_FROM = ""  # start a new run from this network: a checkpoint, an NVlabs pickle, a rosinality checkpoint
+INIT_FROM = ""  # start from this network (checkpoint, NVlabs pickle, rosinality); a lower-res one grows (--progressive)
 FREEZE_D = 0  # keep D's from-image layer and its N highest-resolution blocks fixed (FreezeD, Mo et al. 2020)
 DEVICE = "auto"  # auto (CUDA when present) | cpu | cuda
 SAMPLE_EVERY = 2  # epochs between sample grids from fixed latents
@@ -207,7 +208,8 @@ RANGES = {  # inclusive (low, high); None: unbounded
     "G_LR": (0, None), "D_LR": (0, None), "ADAM_BETAS": (0, 0.9999),
     "LR_CYCLE_STEPS": (1, None), "LR_CYCLE_MIN": (0, 1), "LR_STEP_EPOCHS": (1, None),
     "LR_STEP_FACTOR": (0, None), "GP_LAMBDA": (0, None), "DRIFT": (0, None),
-    "R1_GAMMA": (0, None), "R1_GAMMA_RES": (0, None), "WGAN_R1_GAMMA": (0, None), "D_REG_INTERVAL": (1, None),
+    "R1_GAMMA": (0, None), "R1_GAMMA_RES": (0, None), "R1_GAMMA_POWER": (-4, 4),
+    "WGAN_R1_GAMMA": (0, None), "D_REG_INTERVAL": (1, None),
     "PL_WEIGHT": (0, None),
     "PL_INTERVAL": (1, None), "MODE_SEEKING": (0, None), "PL_DECAY": (0, 1), "PL_BATCH_SHRINK": (1, None),
     "EMA_KIMG": (0, None), "EMA_RAMPUP": (0, None), "SEED": (0, 2**63 - 1),

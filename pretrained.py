@@ -582,12 +582,37 @@ def init_networks(cfg, given):
         raise UserError(f"--image-mode {cfg.image_mode} needs a {'3' if cfg.image_mode == 'RGB' else '1'}-channel "
                         f"network, but --init-from {cfg.init_from} has {channels} channel(s)")
     arch = checkpoint_settings(source)
+    grow = growing_from(cfg, given, arch.resolution)
     for name in ARCHITECTURE:
         theirs = getattr(arch, name.lower())
-        if name != "IMAGE_MODE" and name in given and given[name] != theirs:
+        if name == "IMAGE_MODE" or (grow and name in GROWN):
+            continue
+        if name in given and given[name] != theirs:
             raise UserError(f"{flag_of(name)} is {given[name]!r} but --init-from {cfg.init_from} has {theirs!r}; "
                             "drop it (the architecture comes from the network)")
-        if name != "IMAGE_MODE":
-            setattr(cfg, name.lower(), theirs)
+        setattr(cfg, name.lower(), theirs)
     print(f"initialising from {cfg.init_from} ({fmt}): {describe(source)}")
+    if grow:
+        cfg.progressive_start = arch.resolution
+        cfg.progressive_hold_kimg = given.get("PROGRESSIVE_HOLD_KIMG", 0.0)
+        print(f"growing it from {arch.resolution}x{arch.resolution} to {cfg.resolution}x{cfg.resolution}: "
+              f"--progressive-start {arch.resolution}, --progressive-hold-kimg {cfg.progressive_hold_kimg:g}")
     return source
+
+
+GROWN = ("RESOLUTION", "CHANNEL_MIN")  # a network grown to a higher resolution takes these from the run
+
+
+def growing_from(cfg, given, resolution):
+    """Whether --init-from's network of `resolution` starts a run that grows it to the higher
+    --resolution (--progressive: its layers kept, the higher ones added); a run at another
+    resolution without --progressive is refused."""
+    if cfg.resolution <= resolution or ("RESOLUTION" not in given and not cfg.progressive):
+        return False  # the network's own resolution (a preset's is overridden, as for every setting)
+    if not cfg.progressive:
+        raise UserError(f"--resolution {cfg.resolution}: --init-from {cfg.init_from} is {resolution}x{resolution}; "
+                        "growing it to a higher resolution needs --progressive")
+    if "PROGRESSIVE_START" in given and given["PROGRESSIVE_START"] != resolution:
+        raise UserError(f"--progressive-start {given['PROGRESSIVE_START']}: a run grown from --init-from "
+                        f"{cfg.init_from} starts at its resolution, {resolution}; drop it")
+    return True

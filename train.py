@@ -127,7 +127,7 @@ def train_on(cfg, state, rank, world_size, device, init=None):
     seed_everything(cfg.seed)  # the same initial networks in every process
     run = build_run(cfg, data, device)
     if init is not None:
-        initialise(run, init, data)
+        initialise(run, init, data, cfg.init_from)
     if state is not None:
         restore(run, state, cfg, data)
     set_growth_level(run, cfg)

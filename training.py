@@ -114,17 +114,56 @@ def frozen_d_parameters(D, n):
     return [p for m in frozen for p in m.parameters()]
 
 
-def initialise(run, init, data):
-    """--init-from: G, G_ema and (when the source has one) D take the source network's weights."""
+def initialise(run, init, data, init_from=""):
+    """--init-from: G, G_ema and (when the source has one) D take the source network's weights; a
+    lower-resolution source gives the layers it has (its growth continues from its resolution)."""
     num_classes = run.model_args["G"]["num_classes"]
     if num_classes and num_classes != len(data.class_names):
         raise UserError(f"--init-from is a network of {num_classes} classes; the data have {len(data.class_names)}")
-    for name in ("G", "G_ema"):
-        getattr(run, name).load_state_dict(init[name])
-    if "D" in init:
-        load_d_weights(run.D, init["D"])
+    source_res = init["model_args"]["G"]["resolution"]
+    if source_res < run.model_args["G"]["resolution"]:  # grown: its layers kept, the higher ones new
+        load_grown(run.G, init["G"], lambda k: k, init_from)
+        load_grown(run.G_ema, init["G_ema"], lambda k: k, init_from)
+        if "D" in init:
+            load_grown(run.D, init["D"], grown_d_key(run.D, source_res), init_from)
     else:
+        for name in ("G", "G_ema"):
+            getattr(run, name).load_state_dict(init[name])
+        if "D" in init:
+            load_d_weights(run.D, init["D"])
+    if "D" not in init:
         print("the source network has no discriminator: D starts from scratch")
+
+
+def grown_d_key(D, source_res):
+    """Where a lower-resolution discriminator's parameter sits in D: its blocks below D's blocks for
+    the higher resolutions, its from-image conv as D's entry at its resolution."""
+    offset = D.starts[source_res]
+
+    def key(name):
+        head, _, rest = name.partition(".")
+        if head == "from_img":
+            return f"from_img_low.{source_res}.{rest}"
+        if head == "blocks":
+            index, _, rest = rest.partition(".")
+            return f"blocks.{int(index) + offset}.{rest}"
+        return name
+    return key
+
+
+def load_grown(net, source, key, init_from):
+    """net's parameters and buffers from a lower-resolution network's state (names mapped by `key`);
+    the layers only net has keep their initial values. A layer whose shape differs is refused."""
+    own = net.state_dict()
+    for name, value in source.items():
+        mine = key(name)
+        if mine not in own or own[mine].shape != value.shape:
+            found = tuple(own[mine].shape) if mine in own else "nothing"
+            raise UserError(f"--init-from {init_from}: its {name} {tuple(value.shape)} does not fit this network's "
+                            f"{mine} ({found}); grow it with its own --channel-base, --channel-max and a "
+                            "--channel-min no wider than its layers")
+        own[mine] = value
+    net.load_state_dict(own)
 
 
 def load_d_weights(D, state):
@@ -258,9 +297,10 @@ def d_step(run, cfg, real, labels, regularize):
 
 
 def r1_scale(cfg, resolution):
-    """R1's weight at the resolution D sees, relative to R1_GAMMA: (resolution / R1_GAMMA_RES)^2, so
-    that a growing D keeps one strength of regularisation per pixel area (1 when R1_GAMMA_RES is 0)."""
-    return (resolution / cfg.r1_gamma_res) ** 2 if cfg.r1_gamma_res else 1.0
+    """R1's weight at the resolution D sees, relative to R1_GAMMA: (resolution / R1_GAMMA_RES) to the
+    power R1_GAMMA_POWER (1 when R1_GAMMA_RES is 0). The square keeps one strength of regularisation
+    per pixel area (StyleGAN2-ADA); a negative power leaves a growing D freer at the high resolutions."""
+    return (resolution / cfg.r1_gamma_res) ** cfg.r1_gamma_power if cfg.r1_gamma_res else 1.0
 
 
 def g_step(run, cfg, labels, batch_size, regularize):

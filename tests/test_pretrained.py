@@ -366,8 +366,10 @@ def test_init_from_starts_a_run_from_the_networks(data, tmp_path, capsys):
 
 
 def test_init_from_refuses_contradicting_flags_and_resume(data, tmp_path, capsys):
+    code = train.main(smoke(data, tmp_path / "a", "--init-from", str(NVLABS), "--z-dim", "8"))
+    assert_user_error(capsys, code, "--z-dim is 8", "drop it")
     code = train.main(smoke(data, tmp_path / "a", "--init-from", str(NVLABS), "--resolution", "64"))
-    assert_user_error(capsys, code, "--resolution is 64", "drop it")
+    assert_user_error(capsys, code, "--resolution 64", "needs --progressive")  # growing it: see test_progressive
     code = train.main(smoke(data, tmp_path / "b", "--init-from", str(ROSINALITY), "--image-mode", "RGB",
                             "--max-steps", "1", "--eval-every", "0"))
     assert code == 0  # an RGB network keeps its channels for RGB data

@@ -203,3 +203,72 @@ def test_a_run_can_start_growing_at_a_higher_resolution(data, tmp_path, monkeypa
                                           (["--progressive-start", "64"], "--progressive-start 64 is above")])
 def test_a_progressive_start_must_be_a_resolution_of_the_model(data, tmp_path, capsys, flags, needle):
     assert_user_error(capsys, train.main(smoke(data, tmp_path, *flags)), needle)
+
+
+# ---------------------------------------------------------------------------------------
+# Growing a trained lower-resolution network (--init-from with a higher --resolution)
+# ---------------------------------------------------------------------------------------
+def grown_run(source_dir, tmp_path, *extra):
+    given = {"INIT_FROM": str(source_dir), "DATA_ROOT": "x", "RESOLUTION": 64, "PROGRESSIVE": True}
+    cfg, _, init = train.settings(dict(given, **dict(extra)), SimpleNamespace(preset="smoke"), tmp_path)
+    data = SimpleNamespace(class_names=["AD", "NC"], channels=1)
+    torch.manual_seed(1)
+    run = training.build_run(cfg, data, torch.device("cpu"))
+    training.initialise(run, init, data, cfg.init_from)
+    return cfg, run, init
+
+
+def test_a_grown_network_draws_and_scores_like_its_source_at_the_sources_level(uncond_run, tmp_path):
+    cfg, run, init = grown_run(uncond_run, tmp_path)
+    assert (cfg.resolution, cfg.progressive_start, cfg.progressive_hold_kimg) == (64, 32, 0.0)
+    source, _ = checkpoints.load_checkpoint(uncond_run / "Models")
+    G_src, D_src = checkpoints.load_generator(source, "cpu"), checkpoints.load_discriminator(source, "cpu")
+    torch.manual_seed(2)
+    z = torch.randn(8, G_src.z_dim)
+    with torch.no_grad():
+        w = G_src.mapping(z)[:, None]  # (N, 1, w_dim): every layer's w
+        assert torch.equal(run.G_ema.mapping(z)[:, None], w)
+        own = G_src.synthesis(w.expand(-1, G_src.synthesis.num_ws, -1), noise_mode="const")
+        run.G_ema.synthesis.level = run.D.level = 3.0  # 32x32, 64x64 not yet faded in
+        grown = run.G_ema.synthesis(w.expand(-1, run.G_ema.synthesis.num_ws, -1), noise_mode="const",
+                                    full_size=False)
+        assert grown.shape[-1] == 32 and torch.allclose(grown, own, atol=1e-5)
+        run.D.eval()
+        assert torch.allclose(run.D(own), D_src(own), atol=1e-5)
+        full = modules.upsample2x(own)  # a full-size image is taken down to the level first
+        assert torch.allclose(run.D(full), D_src(modules.downsample2x(full)), atol=1e-5)
+    new = dict(run.G.named_parameters())
+    assert not torch.equal(new["synthesis.blocks.3.conv0.conv.weight"], new["synthesis.blocks.2.conv0.conv.weight"]
+                           [:new["synthesis.blocks.3.conv0.conv.weight"].shape[0]])  # the 64x64 block is new
+    assert torch.equal(run.G.state_dict()["synthesis.blocks.3.conv0.conv.weight"],
+                       run.G_ema.state_dict()["synthesis.blocks.3.conv0.conv.weight"])  # the same in G_ema
+
+
+def test_a_grown_run_trains_from_the_sources_resolution_and_resumes(data, uncond_run, tmp_path, capsys):
+    out = tmp_path / "grown"
+    flags = ["--init-from", str(uncond_run), "--resolution", "64", "--progressive", "--progressive-kimg", "0.032",
+             "--max-steps", "3", "--eval-every", "0"]
+    assert train.main(smoke(data, out, *flags)) == 0
+    assert "growing it from 32x32 to 64x64" in capsys.readouterr().out
+    state, _ = checkpoints.load_checkpoint(out / "Models")
+    assert state["model_args"]["G"]["resolution"] == 64 and state["config"]["progressive_start"] == 32
+    source, _ = checkpoints.load_checkpoint(uncond_run / "Models")
+    moved = (state["G"]["synthesis.blocks.2.conv1.conv.weight"] - source["G"]["synthesis.blocks.2.conv1.conv.weight"])
+    assert 0 < moved.abs().max() < 0.1  # trained on from the source's 32x32 block
+    assert train.main(smoke(data, out, "--resume", "--resolution", "64", "--max-steps", "5")) == 0
+    assert checkpoints.load_checkpoint(out / "Models")[0]["step"] == 5
+
+
+@pytest.mark.parametrize("flags,needle", [
+    ([], "needs --progressive"),
+    (["--progressive", "--progressive-start", "16"], "starts at its resolution, 32"),
+    (["--progressive", "--channel-base", "1024"], "--channel-base is 1024"),
+])
+def test_growing_a_network_the_run_cannot_hold_is_one_line(data, uncond_run, tmp_path, capsys, flags, needle):
+    code = train.main(smoke(data, tmp_path, "--init-from", str(uncond_run), "--resolution", "64", *flags))
+    assert_user_error(capsys, code, needle)
+
+
+def test_a_layer_that_does_not_fit_the_grown_network_is_named(uncond_run, tmp_path):
+    with pytest.raises(settings.UserError, match="synthesis.const .* does not fit"):
+        grown_run(uncond_run, tmp_path, ("CHANNEL_MIN", 64))

@@ -299,3 +299,13 @@ def test_r1_grows_with_the_square_of_the_resolution_d_sees(monkeypatch):
     stats = training.d_step(run, cfg, real, None, regularize=True)
     assert steps.calls[1][0][1].item() == pytest.approx(stats["r1"].item() * 2.0 * 4 / 2, rel=1e-5)
     assert training.r1_scale(cfg, 64) == 16 and training.r1_scale(setup()[0], 64) == 1.0
+
+
+def test_a_negative_r1_power_weakens_r1_at_the_higher_resolutions(monkeypatch):
+    """--r1-gamma-res 16 --r1-gamma-power -2: a quarter of R1_GAMMA at the 32x32 of this model."""
+    cfg, run, real = setup(loss="logistic", r1_gamma=2.0, d_reg_interval=1, r1_gamma_res=16, r1_gamma_power=-2.0)
+    steps = Recorder(training.optimizer_step)
+    monkeypatch.setattr(training, "optimizer_step", steps)
+    stats = training.d_step(run, cfg, real, None, regularize=True)
+    assert steps.calls[1][0][1].item() == pytest.approx(stats["r1"].item() * 2.0 / 4 / 2, rel=1e-5)
+    assert training.r1_scale(cfg, 8) == 4 and training.r1_scale(cfg, 64) == 1 / 16
