@@ -260,6 +260,55 @@ class NoiseInjection(nn.Module):
         return torch.randn(x.shape[0], 1, *size, device=x.device, dtype=x.dtype) * self.strength
 
 
+class ScannerNoise(nn.Module):
+    """The noise of an MR magnitude image, drawn after the network: Rician noise on the foreground's
+    pixels (0..1 intensity units; pixels below FLOOR, the skull-stripped background, stay as they
+    are), each sample's strength one of the levels `measure` read off the training slices. Fixed,
+    not learned: a discriminator kept smooth by R1 gives pixel noise no gradient worth following."""
+
+    FLOOR = 0.02  # 0..1 intensity; the mask ramps from 0 here to 1 at twice this
+    LEVELS = 64  # quantiles of the training slices' noise levels kept
+
+    def __init__(self, resolution, img_channels):
+        super().__init__()
+        self.register_buffer("levels", torch.zeros(self.LEVELS))
+        self.register_buffer("const_noise", torch.randn(2, 1, img_channels, resolution, resolution))
+
+    @torch.no_grad()
+    def measure(self, images, chunk=256):
+        """Set the levels from uint8 slices (N, C, H, W): per slice, the median absolute diagonal Haar
+        detail over 2x2 blocks of foreground / 0.6745 (Donoho's estimate of Gaussian noise). A dither
+        of one grey level smooths the median's steps; its variance and the rounding's are taken off."""
+        found, dither = [], torch.Generator().manual_seed(0)
+        for start in range(0, len(images), chunk):
+            x = images[start:start + chunk, :, : images.shape[2] // 2 * 2, : images.shape[3] // 2 * 2].float()
+            x = (x + torch.rand(x.shape, generator=dither) - 0.5) / 255
+            corners = torch.stack([x[..., 0::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 0::2], x[..., 1::2, 1::2]])
+            detail = (corners[0] - corners[1] - corners[2] + corners[3]).abs().div(2).flatten(1)  # (n, pixels)
+            inside = corners.amin(0).flatten(1) > 2 * self.FLOOR
+            found += [d[m].median() / 0.6745 for d, m in zip(detail, inside) if m.sum() >= 64]
+        if found:
+            q = torch.linspace(0, 1, self.LEVELS, dtype=torch.float64)
+            sd = (torch.stack(found).double().square() - 2 / 12 / 255**2).clamp(min=0).sqrt()  # uniform steps
+            self.levels.copy_(torch.quantile(sd, q).float())
+        return self.levels
+
+    def forward(self, img, noise_mode="random", weight=1.0):  # (N, C, R, R) -> (N, C, R, R)
+        """img with the noise; `weight` scales its strength (a fading-in top resolution)."""
+        if noise_mode == "none":
+            return img
+        if noise_mode == "const":  # the median level and the fixed maps
+            sd, n = self.levels[self.LEVELS // 2].expand(1), self.const_noise
+        else:
+            sd = self.levels[torch.randint(self.LEVELS, (img.shape[0],), device=img.device)]
+            n = torch.randn((2, *img.shape), device=img.device)
+        n = n * (weight * sd)[:, None, None, None]
+        x = (img.float() + 1) / 2  # float32: the square root's gradient near zero
+        noisy = ((x + n[0]).square() + n[1].square() + 1e-12).sqrt()
+        mask = (x / self.FLOOR - 1).clamp(0, 1)
+        return (img + 2 * mask * (noisy - x)).to(img.dtype)
+
+
 class AdaIN(nn.Module):
     """Adaptive instance normalisation (StyleGAN): each feature map normalised per sample to zero
     mean and unit variance, then scaled and shifted by a style from w."""
@@ -337,7 +386,7 @@ class SynthesisNetwork(nn.Module):
     SynthesisBlock and StyledLayer."""
 
     def __init__(self, w_dim, resolution, img_channels, channel_base, channel_max, attention_res=0,
-                 style_op="modconv", resample="bilinear", clamp=0.0, channel_min=0):
+                 style_op="modconv", resample="bilinear", clamp=0.0, channel_min=0, scanner_noise=False):
         super().__init__()
         ch = lambda r: channels_at(r, channel_base, channel_max, channel_min)  # noqa: E731
         self.const = nn.Parameter(torch.randn(ch(4), 4, 4))
@@ -350,6 +399,7 @@ class SynthesisNetwork(nn.Module):
         self.attention_res = attention_res
         self.attention = SelfAttention(ch(attention_res)) if attention_res else None  # after that block
         self.num_ws = 2 + 2 * len(self.blocks)
+        self.scanner_noise = ScannerNoise(resolution, img_channels) if scanner_noise else None
         self.level = None
 
     def forward(self, ws, noise_mode="random", full_size=True):  # ws (N, num_ws, w_dim) -> (N, C, R, R)
@@ -364,6 +414,8 @@ class SynthesisNetwork(nn.Module):
             x, img = block(x, img, ws[:, 1 + 2 * i:4 + 2 * i], noise_mode, weight)
             if res == self.attention_res:
                 x = self.attention(x)
+        if self.scanner_noise is not None and img.shape[-1] == self.resolutions[-1]:  # the top resolution is in
+            img = self.scanner_noise(img, noise_mode, weight)
         while full_size and img.shape[-1] < self.resolutions[-1]:  # a growing generator: up to the output size
             img = upsample2x(img, self.resample)
         return img
@@ -374,12 +426,12 @@ class Generator(nn.Module):
 
     def __init__(self, z_dim, w_dim, mapping_layers, resolution, img_channels, num_classes=0,
                  channel_base=16384, channel_max=256, mapping_lr_mult=0.01, w_avg_beta=0.995, attention_res=0,
-                 style_op="modconv", resample="bilinear", conv_clamp=0.0, channel_min=0):
+                 style_op="modconv", resample="bilinear", conv_clamp=0.0, channel_min=0, scanner_noise=False):
         super().__init__()
         self.z_dim, self.num_classes = z_dim, num_classes
         self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, num_classes, mapping_lr_mult, w_avg_beta)
         self.synthesis = SynthesisNetwork(w_dim, resolution, img_channels, channel_base, channel_max, attention_res,
-                                          style_op, resample, conv_clamp, channel_min)
+                                          style_op, resample, conv_clamp, channel_min, scanner_noise)
         self.num_ws = self.synthesis.num_ws
 
     def make_ws(self, z, labels=None, truncation=1.0, mixing_prob=0.0, update_w_avg=False):

@@ -19,7 +19,7 @@ SCRIPT_PREFIXES = ("GEN_", "EVALUATE_", "CONVERT_", "EXPLORE_")  # generate_imag
 # Settings that define the networks' shape: a resumed run must keep them, --init-from takes them from its network.
 ARCHITECTURE = ("RESOLUTION", "IMAGE_MODE", "Z_DIM", "W_DIM", "MAPPING_LAYERS", "MAPPING_LR_MULT",
                 "CHANNEL_BASE", "CHANNEL_MAX", "CONDITIONAL", "MBSTD_GROUP", "SPECTRAL_NORM", "ATTENTION_RES",
-                "STYLE_OP", "RESAMPLE", "CONV_CLAMP", "CHANNEL_MIN")
+                "STYLE_OP", "RESAMPLE", "CONV_CLAMP", "CHANNEL_MIN", "SCANNER_NOISE")
 KEPT_ON_RESUME = ARCHITECTURE + ("FREEZE_D", "PROGRESSIVE")  # also fix D's parameters and which its optimiser holds
 
 
@@ -222,11 +222,12 @@ def model_args_of(cfg, img_channels, num_classes):
                   resample=cfg.resample, conv_clamp=cfg.conv_clamp)
     if cfg.channel_min:  # kept out of model_args when unused, as in checkpoints from before it existed
         shared["channel_min"] = cfg.channel_min
+    G = dict(scanner_noise=True) if cfg.scanner_noise else {}  # likewise
     D = dict(shared, mbstd_group=cfg.mbstd_group, spectral_norm=cfg.spectral_norm)
     if cfg.progressive:
         D["grow"] = True
     return dict(G=dict(shared, z_dim=cfg.z_dim, w_dim=cfg.w_dim, mapping_layers=cfg.mapping_layers,
-                       mapping_lr_mult=cfg.mapping_lr_mult, w_avg_beta=cfg.w_avg_beta, style_op=cfg.style_op), D=D)
+                       mapping_lr_mult=cfg.mapping_lr_mult, w_avg_beta=cfg.w_avg_beta, style_op=cfg.style_op, **G), D=D)
 
 
 # ---------------------------------------------------------------------------------------

@@ -43,7 +43,16 @@ from settings import (
     writable_folder,
 )
 from stop_signal import StopSignal, Terminated, terminate_before_training
-from training import HISTORY_KEYS, Diverged, build_run, initialise, restore, set_growth_level, train_step
+from training import (
+    HISTORY_KEYS,
+    Diverged,
+    build_run,
+    initialise,
+    measure_scanner_noise,
+    restore,
+    set_growth_level,
+    train_step,
+)
 from utils import save_json
 
 BAR_KEYS = ("gp", "r1", "loss_critic", "loss_gen", "pl_penalty")  # the progress bar's losses and penalties
@@ -130,6 +139,8 @@ def train_on(cfg, state, rank, world_size, device, init=None):
         initialise(run, init, data, cfg.init_from)
     if state is not None:
         restore(run, state, cfg, data)
+    else:
+        measure_scanner_noise(run, data)
     set_growth_level(run, cfg)
     if world_size > 1:  # each process draws its own latents and flips from here on
         seed_everything(cfg.seed + 1_000_003 * rank + run.step)

@@ -121,18 +121,27 @@ def initialise(run, init, data, init_from=""):
     if num_classes and num_classes != len(data.class_names):
         raise UserError(f"--init-from is a network of {num_classes} classes; the data have {len(data.class_names)}")
     source_res = init["model_args"]["G"]["resolution"]
-    if source_res < run.model_args["G"]["resolution"]:  # grown: its layers kept, the higher ones new
-        load_grown(run.G, init["G"], lambda k: k, init_from)
-        load_grown(run.G_ema, init["G_ema"], lambda k: k, init_from)
-        if "D" in init:
-            load_grown(run.D, init["D"], grown_d_key(run.D, source_res), init_from)
-    else:
-        for name in ("G", "G_ema"):
-            getattr(run, name).load_state_dict(init[name])
-        if "D" in init:
-            load_d_weights(run.D, init["D"])
+    for name in ("G", "G_ema"):  # its layers kept; scanner noise it lacks starts new, noise the run drops goes
+        net = getattr(run, name)
+        noise = net.synthesis.scanner_noise is not None
+        load_grown(net, {k: v for k, v in init[name].items() if noise or "scanner_noise." not in k}, lambda k: k,
+                   init_from)
+    if "D" in init and source_res < run.model_args["G"]["resolution"]:  # grown: the higher blocks new
+        load_grown(run.D, init["D"], grown_d_key(run.D, source_res), init_from)
+    elif "D" in init:
+        load_d_weights(run.D, init["D"])
     if "D" not in init:
         print("the source network has no discriminator: D starts from scratch")
+
+
+def measure_scanner_noise(run, data):
+    """A new run's scanner noise (--scanner-noise) at the noise levels of its training slices."""
+    layers = [net.synthesis.scanner_noise for net in (run.G, run.G_ema) if net.synthesis.scanner_noise is not None]
+    if layers:
+        levels = layers[0].measure(data.images)
+        layers[1].levels.copy_(levels)
+        print(f"scanner noise: Rician, sd {levels[0]:.4f} to {levels[-1]:.4f} (median {levels.median():.4f}, "
+              "0..1 intensity units), measured in the training slices")
 
 
 def grown_d_key(D, source_res):

@@ -570,3 +570,68 @@ def test_adain_generator_uses_no_modulation_and_its_styles_matter():
     modconv = Generator(z_dim=16, w_dim=16, mapping_layers=2, resolution=16, img_channels=1, channel_base=256,
                         channel_max=16)
     assert modconv.synthesis.blocks[0].conv0.adain is None and modconv.synthesis.blocks[0].conv0.conv.demodulate
+
+
+# ---------------------------------------------------------------------------------------
+# Scanner noise
+# ---------------------------------------------------------------------------------------
+def half_brain(n=4, size=64):
+    """Images in [-1, 1]: the left half at intensity 0.5 (0..1 units), the right half background."""
+    img = torch.full((n, 1, size, size), -1.0)
+    img[..., : size // 2] = 0.0
+    return img
+
+
+def test_scanner_noise_is_rician_of_its_level_on_the_foreground_only():
+    torch.manual_seed(0)
+    layer, img = modules.ScannerNoise(64, 1), half_brain()
+    assert torch.equal(layer(img), img)  # no levels measured: no noise
+    with torch.no_grad():
+        layer.levels.fill_(0.05)
+        out = layer(img, noise_mode="const")
+        n = layer.const_noise * 0.05
+        rician = ((0.5 + n[0]).square() + n[1].square()).sqrt()  # the foreground's 0..1 intensities
+        assert torch.allclose((out[..., :32] + 1) / 2, rician[..., :32].expand(4, -1, -1, -1), atol=1e-6)
+        assert torch.equal(out[..., 32:], img[..., 32:])  # the background is left as it is
+        drawn = (layer(img)[..., :32] + 1) / 2
+        assert abs(drawn.std().item() - 0.05) < 0.003
+        assert abs(((layer(img, weight=0.5)[..., :32] + 1) / 2).std().item() - 0.025) < 0.002
+        assert torch.equal(layer(img, noise_mode="none"), img)
+
+
+def test_scanner_noise_draws_each_samples_level_from_the_measured_ones():
+    torch.manual_seed(0)
+    layer, img = modules.ScannerNoise(64, 1), half_brain(n=400, size=16)
+    with torch.no_grad():
+        layer.levels.copy_(torch.tensor([0.01, 0.04]).repeat_interleave(32))
+        sds = ((layer(img)[..., :8] + 1) / 2).flatten(1).std(1)  # one level per sample
+    low = sds < 0.025
+    assert 0.4 < low.float().mean() < 0.6  # half of the samples at each level
+    assert abs(sds[low].mean() - 0.01) < 0.002 and abs(sds[~low].mean() - 0.04) < 0.006
+
+
+def test_scanner_noise_measures_the_noise_levels_of_real_slices():
+    torch.manual_seed(0)
+    truth = torch.linspace(0.008, 0.03, 41)  # one slice per level: a smooth blob with Rician noise
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 96), torch.linspace(-1, 1, 96), indexing="ij")
+    clean = (0.6 - 0.3 * (xx.square() + yy.square())) * ((xx.square() + yy.square()) < 0.8)  # 0 outside
+    n = torch.randn(2, 41, 1, 96, 96) * truth[:, None, None, None]
+    noisy = ((clean + n[0]).square() + n[1].square()).sqrt() * (clean > 0)
+    layer = modules.ScannerNoise(96, 1)
+    levels = layer.measure(noisy.mul(255).round().clamp(0, 255).to(torch.uint8), chunk=16)
+    assert torch.allclose(levels, torch.quantile(truth, torch.linspace(0, 1, 64)), atol=0.0015)
+    assert torch.equal(layer.levels, levels)
+
+
+def test_generator_draws_scanner_noise_only_once_its_top_resolution_is_in():
+    torch.manual_seed(0)
+    G = Generator(z_dim=16, w_dim=16, mapping_layers=2, img_channels=1, scanner_noise=True, **TINY).eval()
+    with torch.no_grad():
+        G.synthesis.scanner_noise.levels.fill_(0.5)
+        G.synthesis.const.fill_(1.0)  # a bright image: every pixel is foreground
+        z = torch.randn(2, 16)
+        top = len(G.synthesis.blocks)
+        for level, differs in ((top - 1, False), (top - 0.5, True), (None, True)):
+            G.synthesis.level = level
+            plain, noisy = G(z, noise_mode="none"), G(z, noise_mode="random")
+            assert (not torch.allclose(plain, noisy, atol=1e-3)) == differs, level

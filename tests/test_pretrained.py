@@ -29,7 +29,9 @@ from PIL import Image
 
 import checkpoints
 import convert
+import dataset
 import generate_images
+import modules
 import pretrained
 import settings
 import train
@@ -390,6 +392,40 @@ def test_init_from_a_checkpoint_of_this_toolkit(uncond_run, tmp_path):
                                   types.SimpleNamespace(preset="smoke"), tmp_path)
     assert cfg.z_dim == source["config"]["z_dim"] and torch.equal(init["G_ema"]["synthesis.const"],
                                                                   source["G_ema"]["synthesis.const"])
+
+
+def initialised_run(source, tmp_path, *flags):
+    """The run --init-from `source` with (setting, value) `flags` starts from, before its first step."""
+    given = dict({"INIT_FROM": str(source), "DATA_ROOT": "x"}, **dict(flags))
+    cfg, _, init = train.settings(given, types.SimpleNamespace(preset="smoke"), tmp_path)
+    data = types.SimpleNamespace(class_names=["AD", "NC"], channels=1)
+    run = training.build_run(cfg, data, torch.device("cpu"))
+    training.initialise(run, init, data, cfg.init_from)
+    return run
+
+
+def test_init_from_adds_scanner_noise_to_a_network_and_drops_it(data, uncond_run, tmp_path):
+    source, _ = checkpoints.load_checkpoint(uncond_run / "Models")
+    noisy = initialised_run(uncond_run, tmp_path, ("SCANNER_NOISE", True))
+    assert noisy.model_args["G"]["scanner_noise"] and "scanner_noise" not in source["model_args"]["G"]
+    for name in ("G", "G_ema"):  # the source's layers as they were
+        state = getattr(noisy, name).state_dict()
+        assert all(torch.equal(state[k], v) for k, v in source[name].items()), name
+    out = tmp_path / "noisy"  # trained on: the noise levels are the training slices'
+    assert train.main(smoke(data, out, "--init-from", str(uncond_run), "--scanner-noise", "--max-steps", "2",
+                            "--eval-every", "0")) == 0
+    trained, _ = checkpoints.load_checkpoint(out / "Models")
+    images = dataset.load_slices(settings.checkpoint_settings(trained)).images
+    measured = modules.ScannerNoise(32, 1).measure(images)
+    assert measured.min() > 0
+    for name in ("G", "G_ema"):
+        assert torch.equal(trained[name]["synthesis.scanner_noise.levels"], measured), name
+    training.measure_scanner_noise(noisy, types.SimpleNamespace(images=images))  # both, before any EMA step
+    assert all(torch.equal(net.synthesis.scanner_noise.levels, measured) for net in (noisy.G, noisy.G_ema))
+    assert initialised_run(out, tmp_path).G_ema.synthesis.scanner_noise is not None  # not given: the network's
+    plain = initialised_run(out, tmp_path, ("SCANNER_NOISE", False))
+    assert "scanner_noise" not in plain.model_args["G"] and plain.G_ema.synthesis.scanner_noise is None
+    assert all(torch.equal(v, trained["G_ema"][k]) for k, v in plain.G_ema.state_dict().items())
 
 
 def test_freeze_d_keeps_the_highest_resolution_blocks_fixed():
