@@ -37,7 +37,7 @@ STYLE_OP = "modconv"  # how w styles each synthesis layer: modconv (StyleGAN2) |
 ATTENTION_RES = 0  # resolution of a self-attention block in G and D, a power of two from 8 (0: none)
 RESAMPLE = "bilinear"  # 2x resampling: bilinear (D convolves after down-sampling) | upfirdn (StyleGAN2's own)
 CONV_CLAMP = 0.0  # limit every layer's activated output to +-CONV_CLAMP (0: none; StyleGAN2-ADA's networks use 256)
-SCANNER_NOISE = False  # G ends with learned Rician noise on the brain's pixels, as an MR magnitude image has
+SCANNER_NOISE = False  # G's slices get Rician noise on the brain's pixels at the training slices' measured levels
 
 # --- training -------------------------------------------------------------------------
 OUT_DIR = "."  # Models/ and saved_examples/ are created under this folder
@@ -243,8 +243,7 @@ PRESETS = {
     # the highest resolutions 16 feature maps wide, with the training slices' scanner noise.
     "demo256": dict(DATA_ROOT=DEMO_ROOT, RESOLUTION=256, CHANNEL_BASE=1024, CHANNEL_MAX=64, CHANNEL_MIN=16,
                     SCANNER_NOISE=True, Z_DIM=64, W_DIM=64, MAPPING_LAYERS=2, BATCH_SIZE=8, LOSS="logistic",
-                    R1_GAMMA=4.0,
-                    G_LR=0.01, D_LR=0.01, PL_WEIGHT=0.0, STYLE_MIXING_PROB=0.0, MODE_SEEKING=0.05,
+                    R1_GAMMA=4.0, G_LR=0.01, D_LR=0.01, PL_WEIGHT=0.0, STYLE_MIXING_PROB=0.0, MODE_SEEKING=0.05,
                     PROGRESSIVE=True, PROGRESSIVE_START=64, PROGRESSIVE_HOLD_KIMG=26.4, PROGRESSIVE_KIMG=8.0,
                     KIMG=52.0, SNAPSHOT_KIMG=8.0, EVAL_EVERY=1),
     # The ADNI course setup at 256x256: z = w = 256, 8 mapping layers, WGAN-GP every step,

@@ -289,7 +289,7 @@ class ScannerNoise(nn.Module):
             found += [d[m].median() / 0.6745 for d, m in zip(detail, inside) if m.sum() >= 64]
         if found:
             q = torch.linspace(0, 1, self.LEVELS, dtype=torch.float64)
-            sd = (torch.stack(found).double().square() - 2 / 12 / 255**2).clamp(min=0).sqrt()  # uniform steps
+            sd = (torch.stack(found).double().square() - 2 / 12 / 255**2).clamp(min=0).sqrt()  # less both
             self.levels.copy_(torch.quantile(sd, q).float())
         return self.levels
 

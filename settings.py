@@ -206,11 +206,14 @@ def config_dict(cfg):
     return dict(vars(cfg))
 
 
-def check_kept_on_resume(trained, cfg, path):
+def check_kept_on_resume(trained, cfg, path, given=(), preset=None):
     """A UserError when a resumed run's settings `cfg` change one that the checkpoint `path`, trained
-    with `trained`, fixes (KEPT_ON_RESUME)."""
+    with `trained`, fixes (KEPT_ON_RESUME); one the flags `given` did not set came from `preset`."""
     for name in KEPT_ON_RESUME:
         old, new = getattr(trained, name.lower()), getattr(cfg, name.lower())
+        if old != new and name not in given and preset:
+            raise UserError(f"--preset {preset} sets {flag_of(name)} {new!r} but {path} was trained with {old!r}; "
+                            "resume without --preset (the run keeps its own settings)")
         if old != new:
             raise UserError(f"{flag_of(name)} is {new!r} but {path} was trained with {old!r}; drop it to resume")
 

@@ -95,7 +95,7 @@ def settings(given, opts, out, main_process=True):
         return cfg, None, init
     state, path = resume_checkpoint(models, resume)
     cfg = resolve_settings(given, "", preset, base=state["config"])
-    check_kept_on_resume(checkpoint_settings(state), cfg, path)
+    check_kept_on_resume(checkpoint_settings(state), cfg, path, given, preset)
     check_inception_weights(cfg)
     cfg.preset = preset or state["config"].get("preset")
     if main_process:

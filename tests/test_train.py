@@ -132,6 +132,8 @@ def test_conditional_on_flat_folder(capsys, tmp_path):
 def test_resume_with_changed_architecture(capsys, uncond_run):
     code = train.main(["--resume", "--out-dir", str(uncond_run), "--resolution", "64"])
     assert_user_error(capsys, code, "--resolution", str(checkpoints.list_checkpoints(uncond_run / "Models")[-1]))
+    code = train.main(["--resume", "--preset", "demo", "--out-dir", str(uncond_run)])  # the preset's, not a flag
+    assert_user_error(capsys, code, "--preset demo sets --resolution 64", "resume without --preset")
 
 
 REPO = Path(__file__).resolve().parents[1]
