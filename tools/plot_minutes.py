@@ -34,9 +34,9 @@ def main():
         ax.set_xlabel("minutes")
     axes[0].set_yscale("log")
     axes[1].set_yscale("log")
-    axes[0].legend(fontsize=8)
-    axes[2].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05 * ((len(runs) + 4) // 4), 1, 1))
     fig.savefig(sys.argv[1], dpi=90)
 
 
