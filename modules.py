@@ -281,7 +281,7 @@ class ScannerNoise(nn.Module):
         of one grey level smooths the median's steps; its variance and the rounding's are taken off."""
         found, dither = [], torch.Generator().manual_seed(0)
         for start in range(0, len(images), chunk):
-            x = images[start:start + chunk, :, : images.shape[2] // 2 * 2, : images.shape[3] // 2 * 2].float()
+            x = images[start:start + chunk, :, : images.shape[2] // 2 * 2, : images.shape[3] // 2 * 2].cpu().float()
             x = (x + torch.rand(x.shape, generator=dither) - 0.5) / 255
             corners = torch.stack([x[..., 0::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 0::2], x[..., 1::2, 1::2]])
             detail = (corners[0] - corners[1] - corners[2] + corners[3]).abs().div(2).flatten(1)  # (n, pixels)
