@@ -116,12 +116,14 @@ def frozen_d_parameters(D, n):
 
 def initialise(run, init, data, init_from=""):
     """--init-from: G, G_ema and (when the source has one) D take the source network's weights; a
-    lower-resolution source gives the layers it has (its growth continues from its resolution)."""
+    lower-resolution source gives the layers it has (its growth continues from its resolution).
+    Scanner noise the source lacks is added (measured later), and the source's is left out when the
+    run has none."""
     num_classes = run.model_args["G"]["num_classes"]
     if num_classes and num_classes != len(data.class_names):
         raise UserError(f"--init-from is a network of {num_classes} classes; the data have {len(data.class_names)}")
     source_res = init["model_args"]["G"]["resolution"]
-    for name in ("G", "G_ema"):  # its layers kept; scanner noise it lacks starts new, noise the run drops goes
+    for name in ("G", "G_ema"):
         net = getattr(run, name)
         noise = net.synthesis.scanner_noise is not None
         load_grown(net, {k: v for k, v in init[name].items() if noise or "scanner_noise." not in k}, lambda k: k,
