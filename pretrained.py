@@ -585,8 +585,8 @@ def init_networks(cfg, given):
     grow = growing_from(cfg, given, arch.resolution)
     for name in ARCHITECTURE:
         theirs = getattr(arch, name.lower())
-        if name == "IMAGE_MODE" or (grow and name in GROWN) or (name == "SCANNER_NOISE" and name in given):
-            continue  # the run's: a grown network's new settings; scanner noise added or dropped
+        if name == "IMAGE_MODE" or (grow and name in GROWN) or (name in UNTRAINED and name in given):
+            continue  # the run's
         if name in given and given[name] != theirs:
             raise UserError(f"{flag_of(name)} is {given[name]!r} but --init-from {cfg.init_from} has {theirs!r}; "
                             "drop it (the architecture comes from the network)")
@@ -600,7 +600,8 @@ def init_networks(cfg, given):
     return source
 
 
-GROWN = ("RESOLUTION", "CHANNEL_MIN", "SCANNER_NOISE")  # a network grown to a higher resolution: the run's
+UNTRAINED = ("SCANNER_NOISE",)  # layers without trained weights: a run may add or drop them
+GROWN = ("RESOLUTION", "CHANNEL_MIN") + UNTRAINED  # a network grown to a higher resolution takes these from the run
 
 
 def growing_from(cfg, given, resolution):

@@ -123,11 +123,10 @@ def initialise(run, init, data, init_from=""):
     if num_classes and num_classes != len(data.class_names):
         raise UserError(f"--init-from is a network of {num_classes} classes; the data have {len(data.class_names)}")
     source_res = init["model_args"]["G"]["resolution"]
+    noise = run.G.synthesis.scanner_noise is not None
     for name in ("G", "G_ema"):
-        net = getattr(run, name)
-        noise = net.synthesis.scanner_noise is not None
-        load_grown(net, {k: v for k, v in init[name].items() if noise or "scanner_noise." not in k}, lambda k: k,
-                   init_from)
+        source = {k: v for k, v in init[name].items() if noise or not k.startswith("synthesis.scanner_noise.")}
+        load_grown(getattr(run, name), source, lambda k: k, init_from)
     if "D" in init and source_res < run.model_args["G"]["resolution"]:  # grown: the higher blocks new
         load_grown(run.D, init["D"], grown_d_key(run.D, source_res), init_from)
     elif "D" in init:

@@ -1,6 +1,6 @@
 """How much of a checkpoint's gap to the real slices is the scanner noise it does not draw: the
-evaluation of its generated slices as they are, then with Rician noise of each --sd added inside
-the brain (the demo data's noise model), against the same training and held-out slices.
+evaluation of its generated slices as they are, then with --scanner-noise's Rician noise at each
+fixed --sd added on the brain's pixels, against the same training and held-out slices.
 
 python tools/added_noise.py --checkpoint RUN/Models [--sd 0.02] [--n 1000]
 A diagnostic, not a generator: the noise is added after the network, where nothing learned it.
@@ -15,18 +15,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoints import CHECKPOINT_KEYS, load_checkpoint, load_generator  # noqa: E402
 from dataset import load_slices  # noqa: E402
 from metrics import Evaluator, heldout_slices, sample_images  # noqa: E402
+from modules import ScannerNoise  # noqa: E402
 from settings import checkpoint_settings  # noqa: E402
 
 KEYS = ("swd_256", "swd_128", "swd_64", "swd", "ms_ssim_fake", "precision", "recall", "copy_rate")
-BRAIN = 0.03  # intensity (0..1) above which a pixel counts as brain, where the demo data have noise
 
 
-def rician(images, sd, generator):
-    """Images in [-1, 1] with Rician noise of `sd` (in 0..1 units) on the brain's pixels."""
-    x = (images + 1) / 2
-    n = torch.randn((2, *x.shape), generator=generator) * sd
-    noisy = ((x + n[0]).square() + n[1].square()).sqrt()
-    return torch.where(x > BRAIN, noisy, x).mul(2).sub(1).clamp(-1, 1)
+def rician(images, sd, seed):
+    """Images in [-1, 1] with ScannerNoise's Rician noise of `sd` (in 0..1 units) on the brain's pixels."""
+    layer = ScannerNoise(images.shape[-1], images.shape[1])
+    layer.levels.fill_(sd)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return layer(images).clamp(-1, 1)
 
 
 def main():
@@ -44,8 +45,7 @@ def main():
     evaluator = Evaluator(data.images, data.labels, args.n, args.seed, heldout=heldout_slices(cfg, data))
     fake = sample_images(G, evaluator.labels, evaluator.n, args.seed + 1, device)  # as evaluate.py draws them
     print(f"{path}: held-out", {k: round(v, 4) for k, v in evaluator.heldout_figures.items()})
-    generator = torch.Generator().manual_seed(args.seed)
-    for sd, images in [(0.0, fake)] + [(sd, rician(fake, sd, generator)) for sd in args.sd]:
+    for sd, images in [(0.0, fake)] + [(sd, rician(fake, sd, args.seed)) for sd in args.sd]:
         out = evaluator.compare(images)
         print(f"noise sd {sd:g}:", {k: round(out[k], 4) for k in KEYS if k in out})
 
