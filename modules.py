@@ -499,7 +499,7 @@ class MinibatchStdDev(nn.Module):
         y = x.reshape(g, -1, c, h, w)
         y = (y - y.mean(0)).square().mean(0).add(1e-8).sqrt()  # (N/g, C, H, W)
         y = y.mean([1, 2, 3]).reshape(-1, 1, 1, 1).repeat(g, 1, h, w)  # (N, 1, H, W)
-        return torch.cat([x, y], dim=1)
+        return activations(torch.cat([x, y], dim=1))  # a 1-channel y makes cat choose the default order
 
 
 class DiscriminatorBlock(nn.Module):

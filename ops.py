@@ -22,7 +22,22 @@ def conv2d(x, weight, stride=1, padding=0, groups=1, transpose=False, output_pad
         x, weight = x.to(dtype), weight.to(dtype)
     if transpose and (stride, padding, groups) == (1, 1, 1) and _winograd_fits(x, weight.transpose(0, 1)):
         return conv2d(x, weight.transpose(0, 1).flip([2, 3]), padding=1)  # the same as a 3x3 conv
+    if LAYOUT["channels_last"] and _image_side_pointwise(weight, (stride, padding, groups, transpose)):
+        return pointwise_conv(x, weight)
     return _Conv.apply(x, weight, (stride, padding, groups, transpose, output_padding))
+
+
+def _image_side_pointwise(weight, spec):
+    return weight.shape[-2:] == (1, 1) and 1 in weight.shape[:2] and spec == (1, 0, 1, False)
+
+
+def pointwise_conv(x, weight):  # (N, Ci, H, W), (Co, Ci, 1, 1) -> (N, Co, H, W), channels-last strides
+    """A 1x1 convolution to or from one channel (a network's image side on grey slices) as the matrix product it
+    is. On the CPU it runs several times faster than oneDNN's convolution, whose 1-channel images are laid out
+    alike in both memory orders, so that it returns the default one; this keeps the activations channels-last."""
+    n, ci, h, w = x.shape
+    out = x.permute(0, 2, 3, 1).reshape(-1, ci) @ weight.flatten(1).t()  # (N*H*W, Co)
+    return out.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
 def _input_grad(grad, weight, spec, input_shape):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import modules
+import ops
 from modules import Discriminator, EqualLinear, Generator, MappingNetwork, MinibatchStdDev, ModulatedConv2d
 
 
@@ -412,6 +413,25 @@ def test_generator_noise_modes():
     assert torch.equal(c1, c2)
     assert not torch.allclose(r1, r2, atol=1e-4)
     assert not torch.allclose(c1, n1, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_networks_keep_channels_last_activations_where_the_layout_asks(monkeypatch, channels):
+    """On the CPU the activations run channels-last from the networks' inputs on, with no conversion between
+    layers (docs/speed.md); a layer that hands back the default order slows every layer after it."""
+    monkeypatch.setitem(ops.LAYOUT, "channels_last", True)
+    torch.manual_seed(0)
+    G, D = tiny_generator(img_channels=channels), Discriminator(img_channels=channels, **TINY)
+    seen = []
+
+    def check(module, inputs, output):
+        if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[1] > 1 and output.shape[-1] > 1:
+            seen.append((type(module).__name__, output.is_contiguous(memory_format=torch.channels_last)))
+    for m in [*G.synthesis.modules(), *D.modules()]:
+        m.register_forward_hook(check)
+    img = G(torch.randn(4, 16))
+    D(img).sum().backward()
+    assert len(seen) > 10 and all(ok for _, ok in seen), [name for name, ok in seen if not ok]
 
 
 @pytest.mark.parametrize("channels", [1, 3])

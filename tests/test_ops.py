@@ -52,6 +52,22 @@ def test_conv2d_matches_torch_to_the_second_derivative(cin, cout, k, stride, pad
     assert torch.autograd.gradgradcheck(ours, (x, w))
 
 
+@pytest.mark.determinism
+@pytest.mark.parametrize("cin,cout", [(1, 6), (6, 1), (1, 1)])  # from an image, to an image
+def test_pointwise_conv_to_or_from_one_channel_matches_torch_to_the_second_derivative(monkeypatch, cin, cout):
+    monkeypatch.setitem(ops.LAYOUT, "channels_last", True)  # where conv2d takes it (the CPU's layout)
+    torch.manual_seed(0)
+    x = torch.randn(3, cin, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(cout, cin, 1, 1, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, cout, 5, 7, dtype=torch.float64)
+    theirs = lambda x, w: torch.nn.functional.conv2d(x, w)  # noqa: E731
+    for a, b in zip(conv_derivatives(ops.conv2d, x, w, g), conv_derivatives(theirs, x, w, g)):
+        assert torch.allclose(a, b)
+    assert ops.conv2d(x, w).is_contiguous(memory_format=torch.channels_last)
+    assert torch.autograd.gradgradcheck(ops.conv2d, (x, w))
+
+
 def conv_derivatives(f, x, w, g):
     """Output, first derivatives, and the derivatives of a penalty on them (the lazy penalties' double backward)."""
     x.grad = w.grad = None
