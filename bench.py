@@ -14,6 +14,7 @@ import deps  # noqa: F401  (first: stops with one line when this Python lacks a 
 # isort: split
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -195,8 +196,9 @@ def run_script(script, args, log, deadline=None):
     """Run `python script args` with its output in `log`; with `deadline` (seconds), SIGTERM it then
     (train.py then saves a checkpoint and stops). Returns the exit status."""
     command = [sys.executable, str(Path(__file__).with_name(script)), *map(str, args)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log in the order it was written: its last line is the error
     with open(log, "w") as f:
-        process = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env)
         try:
             return process.wait(timeout=deadline)
         except subprocess.TimeoutExpired:

@@ -91,5 +91,6 @@ def test_node_check_tiny_benches_trains_evaluates_and_samples(data, tmp_path, ca
 
 def test_node_check_names_a_failed_training(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "bench", lambda cfg, iters, warmup: {})
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # as in a fresh shell: stdout to a file is buffered
     code = bench.main(["--check-tiny", "--data-root", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "c")])
     assert_user_error(capsys, code, "the training of the node check failed (exit 2)", "missing", "train.log")
