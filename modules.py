@@ -289,7 +289,8 @@ class ScannerNoise(nn.Module):
             found += [d[m].median() / 0.6745 for d, m in zip(detail, inside) if m.sum() >= 64]
         if found:
             q = torch.linspace(0, 1, self.LEVELS, dtype=torch.float64)
-            sd = (torch.stack(found).double().square() - 2 / 12 / 255**2).clamp(min=0).sqrt()  # less both
+            # less the variances of the dither and of the rounding (1/12 grey level squared each)
+            sd = (torch.stack(found).double().square() - 2 / 12 / 255**2).clamp(min=0).sqrt()
             self.levels.copy_(torch.quantile(sd, q).float())
         return self.levels
 
