@@ -7,7 +7,9 @@
 Times full training iterations (D step, G step, lazy regularisation at its interval, EMA) after a
 warm-up, exactly as train.py runs them, and generation with the EMA generator at batch 64. It
 also times one large 3x3 convolution, the machine's practical compute peak, and reports the
-training step's FLOP/s (counted with torch.utils.flop_counter) as a fraction of it. Takes the
+training step's FLOP/s (counted with torch.utils.flop_counter) as a fraction of it; on the CPU also
+the share of the step spent in convolution kernels, and the fraction the step would reach if nothing
+else took time (its FLOP/s over the convolutions' time alone). Takes the
 same preset and setting flags as train.py, plus --iters, --warmup and --json."""
 import deps  # noqa: F401  (first: stops with one line when this Python lacks a package)
 
@@ -32,7 +34,7 @@ import constants
 from dataset import cache_on_device
 from demo_data import ensure_demo_dataset
 from distributed import describe_device, peak_memory_mb, resolve_device, seed_everything, setup_device
-from ops import WINOGRAD, use_winograd
+from ops import WINOGRAD, conv_clock, use_winograd
 from settings import UserError, command, parse_settings, resolve_settings, writable_folder
 from training import autocast, build_run, reg_intervals, train_step
 from utils import read_jsonl, save_json
@@ -162,17 +164,20 @@ def bench(cfg, iters, warmup):
     iterations(run, cfg, data, warmup)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = timed(lambda: iterations(run, cfg, data, iters), device)
+    with conv_clock(device.type == "cpu" and not cfg.compile) as clock:  # CUDA kernels run asynchronously
+        seconds = timed(lambda: iterations(run, cfg, data, iters), device)
     memory = peak_memory_mb(device)
     img_per_s = iters * cfg.batch_size / seconds
     flops = training_flops(run, cfg, data, device)
     achieved = img_per_s * flops / 1e9
+    conv_share = clock["seconds"] / seconds or None
     return dict(device=describe_device(device), resolution=cfg.resolution, batch_size=cfg.batch_size,
                 channel_base=cfg.channel_base, channel_max=cfg.channel_max, mapping_layers=cfg.mapping_layers,
                 threads=torch.get_num_threads(), iters=iters, amp=run.amp, compile=cfg.compile,
                 winograd=WINOGRAD["enabled"],
                 img_per_s=img_per_s, sec_per_kimg=1000 / img_per_s, peak_mem_mb=memory, gflop_per_img=flops / 1e9,
                 achieved_gflops=achieved, peak_conv_gflops=peak, fraction_of_peak=achieved / peak,
+                conv_time_share=conv_share, conv_bound_of_peak=achieved / peak / conv_share if conv_share else None,
                 gen_img_per_s=generation_speed(run, cfg, device))
 
 
@@ -185,6 +190,8 @@ def report(r):
             f"peak memory {r['peak_mem_mb']:.0f} MB\n"
             f"  compute     {r['gflop_per_img']:.1f} GFLOP/img -> {r['achieved_gflops']:.1f} GFLOP/s = "
             f"{100 * r['fraction_of_peak']:.0f}% of one 3x3 conv's {r['peak_conv_gflops']:.1f} GFLOP/s\n"
+            + (f"  convs       {100 * r['conv_time_share']:.0f}% of the training time: with the rest taking none, "
+               f"{100 * r['conv_bound_of_peak']:.0f}% of the peak\n" if r["conv_time_share"] else "") +
             f"  generation  {r['gen_img_per_s']:.1f} img/s at batch {GENERATION_BATCH}")
 
 

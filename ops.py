@@ -3,12 +3,43 @@ convolutions (to any order, for the lazy penalties' double backward), Winograd's
 stride-1 3x3 convolutions on the CPU, 1x1 convolutions to or from one channel as matrix products,
 the process-wide fast-kernel switches, and the area-averaged thumbnails that the mode-seeking
 penalty and the pixel-space metrics compare images by."""
+import contextlib
 import ctypes
+import functools
+import time
 
 import torch
 import torch.nn.functional as F
 
 import constants
+
+CONV_CLOCK = dict(on=False, seconds=0.0)  # time in convolution kernels, while on (bench.py)
+
+
+def _clocked(kernel):
+    """`kernel` with its wall time added to CONV_CLOCK while the clock is on. The time is the kernel's
+    own only where kernels run synchronously: on the CPU."""
+    @functools.wraps(kernel)
+    def clocked(*args):
+        if not CONV_CLOCK["on"]:
+            return kernel(*args)
+        start = time.perf_counter()
+        try:
+            return kernel(*args)
+        finally:
+            CONV_CLOCK["seconds"] += time.perf_counter() - start
+    return clocked
+
+
+@contextlib.contextmanager
+def conv_clock(enabled=True):
+    """Time the convolution kernels run inside the block: yields CONV_CLOCK, whose 'seconds' grows
+    (stays 0 when not `enabled`)."""
+    CONV_CLOCK.update(on=enabled, seconds=0.0)
+    try:
+        yield CONV_CLOCK
+    finally:
+        CONV_CLOCK["on"] = False
 
 
 def conv2d(x, weight, stride=1, padding=0, groups=1, transpose=False, output_padding=0):
@@ -32,6 +63,7 @@ def _image_side_pointwise(weight, spec):
     return weight.shape[-2:] == (1, 1) and 1 in weight.shape[:2] and spec == (1, 0, 1, False)
 
 
+@_clocked
 def pointwise_conv(x, weight):  # (N, Ci, H, W), (Co, Ci, 1, 1) -> (N, Co, H, W), channels-last strides
     """A 1x1 convolution to or from one channel (a network's image side on grey slices) as the matrix product it
     is. On the CPU it runs several times faster than oneDNN's convolution, whose 1-channel images are laid out
@@ -51,12 +83,14 @@ def _input_grad(grad, weight, spec, input_shape):
     return conv2d(grad, weight, stride, padding, groups, transpose=True, output_padding=extra)
 
 
+@_clocked
 def _aten_conv(x, weight, spec):
     stride, padding, groups, transpose, output_padding = spec
     return torch.ops.aten.convolution(x, weight, None, [stride] * 2, [padding] * 2, [1, 1], transpose,
                                       [output_padding] * 2, groups)
 
 
+@_clocked
 def _aten_conv_grads(grad, x, weight, spec, mask):
     stride, padding, groups, transpose, output_padding = spec
     return torch.ops.aten.convolution_backward(grad, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], transpose,
@@ -221,6 +255,7 @@ def _transformed_weight(weight):  # (Co, Ci, 3, 3) -> (16, Ci, Co): G g G^T
     return torch.einsum("ka,lb,oiab->klio", g, g, weight).reshape(16, weight.shape[1], weight.shape[0])
 
 
+@_clocked
 def winograd_conv(x, weight):  # (N, Ci, H, W), (Co, Ci, 3, 3) -> (N, Co, H, W), padding 1, channels-last strides
     """conv2d(x, weight, padding=1) by Winograd's F(2x2, 3x3), a batch chunk at a time."""
     n, _, h, w = x.shape
@@ -231,6 +266,7 @@ def winograd_conv(x, weight):  # (N, Ci, H, W), (Co, Ci, 3, 3) -> (N, Co, H, W),
     return y.permute(0, 3, 1, 2)
 
 
+@_clocked
 def winograd_conv_grads(grad, x, weight, need_x, need_w):  # (N, Co, H, W), (N, Ci, H, W), (Co, Ci, 3, 3)
     """The gradients of conv2d(x, weight, padding=1) for x and weight in one pass over the tiles of `grad`:
     the transposed transforms, so each chunk's output-gradient tiles serve both products."""

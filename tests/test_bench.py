@@ -43,6 +43,9 @@ def test_bench_json_report(capsys):
     assert r["sec_per_kimg"] == pytest.approx(1000 / r["img_per_s"])
     assert r["fraction_of_peak"] == pytest.approx(r["img_per_s"] * r["gflop_per_img"] / r["peak_conv_gflops"])
     assert r["iters"] == 4 and r["batch_size"] == 8 and r["resolution"] == 32
+    # the convolutions' share of the step is a part of it, and the bound the rest of the step leaves above
+    assert 0 < r["conv_time_share"] < 1
+    assert r["conv_bound_of_peak"] == pytest.approx(r["fraction_of_peak"] / r["conv_time_share"])
     # the smoke model's forward passes alone: G and D convolutions at 32x32 with at most 32 channels
     assert 0.05 < r["gflop_per_img"] < 1.0
 

@@ -1,6 +1,8 @@
 """ops.py: the convolutions whose derivatives are convolutions (to the second derivative, Winograd's
-included), anti-aliased resampling, bf16 under autocast, and the allocator setting."""
+included), anti-aliased resampling, bf16 under autocast, the allocator setting, and the clock of the
+convolutions."""
 import resource
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -130,6 +132,31 @@ def test_winograd_leaves_other_convolutions_to_pytorch(monkeypatch, shape, cout,
         monkeypatch.setitem(ops.WINOGRAD, "min_size", 8)
         ops.conv2d(x, w, stride=stride, padding=k // 2)
         assert spy.calls == 1
+
+
+@pytest.mark.parametrize("winograd", [False, True])
+def test_conv_clock_times_each_convolution_kernel_and_nothing_else(monkeypatch, winograd):
+    ticks = iter(range(1000))
+    monkeypatch.setattr(ops, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))  # each kernel: 1 s
+    monkeypatch.setitem(ops.WINOGRAD, "enabled", winograd)
+    monkeypatch.setitem(ops.WINOGRAD, "min_channels", 1)
+    monkeypatch.setitem(ops.WINOGRAD, "min_size", 8)
+    monkeypatch.setitem(ops.LAYOUT, "channels_last", True)  # 1x1 convolutions to one channel: a matrix product
+    x = torch.randn(4, 8, 32, 32, requires_grad=True)
+    w = torch.randn(8, 8, 3, 3, requires_grad=True)
+    with ops.conv_clock(enabled=False) as clock:
+        ops.conv2d(x, w, padding=1).sum().backward()
+    assert clock["seconds"] == 0
+    with ops.conv_clock() as clock:
+        x.detach().exp().sin()  # element-wise work only
+    assert clock["seconds"] == 0
+    with ops.conv_clock() as clock:
+        ops.conv2d(x, w, padding=1).square().sum().backward()
+    assert clock["seconds"] == 2  # the forward kernel, and one backward kernel for both gradients
+    with ops.conv_clock() as clock:
+        ops.conv2d(x, w[:1, :, :1, :1], padding=0)  # a 1x1 convolution to one channel
+    assert clock["seconds"] == 1
+    assert not ops.CONV_CLOCK["on"]
 
 
 def test_winograd_setting():
