@@ -1,8 +1,8 @@
 """Low-level operations below the networks: a 2D convolution whose derivatives are again
 convolutions (to any order, for the lazy penalties' double backward), Winograd's F(2x2, 3x3) for
 stride-1 3x3 convolutions on the CPU, 1x1 convolutions to or from one channel as matrix products,
-the process-wide fast-kernel switches, and the area-averaged thumbnails that the mode-seeking
-penalty and the pixel-space metrics compare images by."""
+the process-wide fast-kernel switches, a clock of the time in convolution kernels (bench.py), and the
+area-averaged thumbnails that the mode-seeking penalty and the pixel-space metrics compare images by."""
 import contextlib
 import ctypes
 import functools
