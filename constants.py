@@ -68,6 +68,7 @@ PL_INTERVAL = 16  # iterations between path-length penalties, applied with gain 
 PL_DECAY = 0.01  # decay of the running mean path length
 PL_BATCH_SHRINK = 2  # the path-length penalty uses BATCH_SIZE // PL_BATCH_SHRINK images
 MODE_SEEKING = 0.0  # mode-seeking weight (Mao et al. 2019): G pays for latent pairs with alike 16x16 images (0: off)
+MODE_SEEKING_FULL = -1.0  # mode-seeking weight at full resolution, after any --progressive growth (-1: MODE_SEEKING)
 EMA_KIMG = 10.0  # half-life of the generator's moving average, in thousands of images
 EMA_RAMPUP = 0.05  # EMA half-life is at most this fraction of the images seen so far (0: off)
 SEED = 0  # seed of every random choice: same seed, same run
@@ -212,7 +213,8 @@ RANGES = {  # inclusive (low, high); None: unbounded
     "R1_GAMMA": (0, None), "R1_GAMMA_RES": (0, None), "R1_GAMMA_POWER": (-4, 4),
     "WGAN_R1_GAMMA": (0, None), "D_REG_INTERVAL": (1, None),
     "PL_WEIGHT": (0, None),
-    "PL_INTERVAL": (1, None), "MODE_SEEKING": (0, None), "PL_DECAY": (0, 1), "PL_BATCH_SHRINK": (1, None),
+    "PL_INTERVAL": (1, None), "MODE_SEEKING": (0, None), "MODE_SEEKING_FULL": (-1, None), "PL_DECAY": (0, 1),
+    "PL_BATCH_SHRINK": (1, None),
     "EMA_KIMG": (0, None), "EMA_RAMPUP": (0, None), "SEED": (0, 2**63 - 1),
     "SAMPLE_EVERY": (1, None), "SAMPLE_COUNT": (1, 256), "CHECKPOINT_EVERY": (1, None),
     "KEEP_CHECKPOINTS": (0, None), "GEN_N": (1, None), "GEN_TRUNCATION": (0, 10),

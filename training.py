@@ -313,6 +313,12 @@ def r1_scale(cfg, resolution):
     return (resolution / cfg.r1_gamma_res) ** cfg.r1_gamma_power if cfg.r1_gamma_res else 1.0
 
 
+def mode_seeking_weight(cfg, level):
+    """Mode seeking's weight for G at growth `level` (None: full resolution): MODE_SEEKING_FULL
+    once G draws at full resolution when it is set (>= 0), else MODE_SEEKING."""
+    return cfg.mode_seeking_full if level is None and cfg.mode_seeking_full >= 0 else cfg.mode_seeking
+
+
 def g_step(run, cfg, labels, batch_size, regularize):
     """G's main step, then (when due) the path-length penalty on a fraction of the batch."""
     G, D = run.G, run.D
@@ -322,9 +328,10 @@ def g_step(run, cfg, labels, batch_size, regularize):
     fake_pred = discriminate(run, fake, labels)
     loss = run.objective.g_loss(fake_pred)
     stats = dict(loss_gen=loss.detach())
-    if cfg.mode_seeking > 0:
+    weight = mode_seeking_weight(cfg, G.synthesis.level)
+    if weight > 0:
         penalty = mode_seeking_penalty(fake, z)
-        loss = loss + penalty * cfg.mode_seeking
+        loss = loss + penalty * weight
         stats["mode_seeking"] = penalty.detach()
     stats["grad_g"] = optimizer_step(run.opt_G, loss)
     if regularize:

@@ -122,6 +122,30 @@ def test_mode_seeking_joins_g_s_loss_with_its_weight(monkeypatch):
     assert "mode_seeking" not in training.g_step(run, cfg, None, len(real), regularize=False)
 
 
+@pytest.mark.parametrize("base,full", [(0.5, 0.2), (0.0, 0.3), (0.4, 0.0)])
+def test_mode_seeking_full_takes_over_once_growth_reaches_full_resolution(monkeypatch, base, full):
+    """While G grows it pays MODE_SEEKING; once it draws at full resolution, MODE_SEEKING_FULL."""
+    cfg, run, real = setup(mode_seeking=base, mode_seeking_full=full, progressive=True, progressive_start=16,
+                           progressive_kimg=1.0)
+    steps, penalties = Recorder(training.optimizer_step), Recorder(losses.mode_seeking_penalty)
+    monkeypatch.setattr(training, "optimizer_step", steps)
+    monkeypatch.setattr(training, "mode_seeking_penalty", penalties)
+    for nimg, weight in [(700, base), (5000, full)]:  # 16x16 fading into 32x32; then grown
+        run.nimg = nimg
+        training.set_growth_level(run, cfg)
+        steps.calls.clear(), penalties.calls.clear()
+        stats = training.g_step(run, cfg, None, len(real), regularize=False)
+        assert ("mode_seeking" in stats) == (weight > 0) == bool(penalties.calls)
+        extra = weight * penalties.calls[0][1].item() if weight else 0.0
+        assert steps.calls[0][0][1].item() == pytest.approx(stats["loss_gen"].item() + extra, rel=1e-5)
+
+
+def test_mode_seeking_full_unset_keeps_mode_seeking_at_every_level():
+    cfg = resolve_settings({"MODE_SEEKING": 0.3}, "", "smoke")
+    assert cfg.mode_seeking_full == -1
+    assert training.mode_seeking_weight(cfg, None) == training.mode_seeking_weight(cfg, 1.5) == 0.3
+
+
 @pytest.mark.parametrize("batch,kimg", [(32, 10.0), (16, 0.5), (64, 2.0)])
 def test_ema_beta_half_life(batch, kimg):
     beta = training.ema_beta(batch, kimg, 0.0, nimg=0)
