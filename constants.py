@@ -243,12 +243,12 @@ PRESETS = {
     # The built-in demo set at 256x256 in an hour on a CPU: the demo preset's model and recipe at
     # 64x64 for the quick start's 26,400 images, then growing to 128x128 and 256x256 (--progressive),
     # the highest resolutions 16 feature maps wide, with the training slices' scanner noise. Mode
-    # seeking 0.1 and R1's weight rising with the resolution (4, 8, 16 at 64, 128, 256) keep the
-    # slices as varied as the real ones (docs/results.md).
+    # seeking 0.1 (0.15 at full size) and R1's weight rising with the resolution (4, 8, 16 at 64, 128,
+    # 256) keep the slices as varied as the real ones and apart from the training slices (docs/results.md).
     "demo256": dict(DATA_ROOT=DEMO_ROOT, RESOLUTION=256, CHANNEL_BASE=1024, CHANNEL_MAX=64, CHANNEL_MIN=16,
                     SCANNER_NOISE=True, Z_DIM=64, W_DIM=64, MAPPING_LAYERS=2, BATCH_SIZE=8, LOSS="logistic",
                     R1_GAMMA=4.0, R1_GAMMA_RES=64, R1_GAMMA_POWER=1.0, G_LR=0.01, D_LR=0.01, PL_WEIGHT=0.0,
-                    STYLE_MIXING_PROB=0.0, MODE_SEEKING=0.1,
+                    STYLE_MIXING_PROB=0.0, MODE_SEEKING=0.1, MODE_SEEKING_FULL=0.15,
                     PROGRESSIVE=True, PROGRESSIVE_START=64, PROGRESSIVE_HOLD_KIMG=26.4, PROGRESSIVE_KIMG=8.0,
                     KIMG=52.0, SNAPSHOT_KIMG=8.0, EVAL_EVERY=1),
     # The ADNI course setup at 256x256: z = w = 256, 8 mapping layers, WGAN-GP every step,
