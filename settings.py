@@ -161,6 +161,9 @@ def check_settings(values):
     if values.get("PROGRESSIVE_START", 4) > values.get("RESOLUTION", values.get("PROGRESSIVE_START", 4)):
         raise UserError(f"--progressive-start {values['PROGRESSIVE_START']} is above --resolution "
                         f"{values['RESOLUTION']}")
+    if -1 < values.get("MODE_SEEKING_FULL", -1) < 0:
+        raise UserError(f"--mode-seeking-full must be -1 (the --mode-seeking weight) or >= 0, "
+                        f"got {values['MODE_SEEKING_FULL']!r}")
     if "ADAM_BETAS" in values and len(values["ADAM_BETAS"]) != 2:
         raise UserError(f"--adam-betas needs two comma-separated numbers, got {values['ADAM_BETAS']!r}")
     if "SLICE_RANGE" in values:

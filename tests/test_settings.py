@@ -226,6 +226,8 @@ def test_wrong_type_or_choice(capsys, argv, flag):
     (["--max-steps", "-1"], "--max-steps"),
     (["--lr-cycle-min", "2"], "--lr-cycle-min"),
     (["--preset", "smoke", "--sample-count", "1000"], "--sample-count"),
+    (["--mode-seeking-full", "-0.5"], "--mode-seeking-full"),
+    (["--mode-seeking-full", "-2"], "--mode-seeking-full"),
 ])
 def test_out_of_range(capsys, argv, flag):
     assert_user_error(capsys, train.main(argv), flag)
