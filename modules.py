@@ -1,6 +1,7 @@
 """StyleGAN2 for brain slices: mapping network, modulated-convolution skip generator, residual
 discriminator with minibatch standard deviation and projection conditioning. Every layer uses
 the equalised learning rate (weights drawn from N(0, 1) and scaled at run time by He's constant)."""
+import functools
 import math
 
 import torch
@@ -20,8 +21,20 @@ def pixel_norm(x, eps=1e-8):
 
 def _filter(x, gain=1.0):  # -> (C, 1, 4, 4)
     """StyleGAN2's [1, 3, 3, 1] low-pass filter, normalised to sum `gain`, one copy per channel of x."""
-    tap = torch.tensor([1.0, 3.0, 3.0, 1.0], device=x.device, dtype=x.dtype)
-    return (torch.outer(tap, tap) * (gain / 64)).expand(x.shape[1], 1, 4, 4)
+    return _constant("filter", x.device, x.dtype, gain).expand(x.shape[1], 1, 4, 4)
+
+
+@functools.lru_cache(maxsize=256)
+def _constant(kind, device, dtype, *args):
+    """A small constant tensor, made once per device, dtype and shape rather than at every call: the
+    filter taps ('filter', gain) or the down-sampling's border weights ('border', H, W). Never an
+    inference tensor, so that autograd may save it whatever mode its first call ran in."""
+    with torch.inference_mode(False), torch.no_grad():
+        if kind == "filter":
+            tap = torch.tensor([1.0, 3.0, 3.0, 1.0], device=device, dtype=dtype)
+            return torch.outer(tap, tap) * (args[0] / 64)  # (4, 4)
+        h, w = args
+        return _border_norm(h, device, dtype)[:, None] * _border_norm(w, device, dtype)[None, :]  # (H/2, W/2)
 
 
 def upsample2x(x, resample="bilinear"):  # (N, C, H, W) -> (N, C, 2H, 2W)
@@ -40,8 +53,7 @@ def downsample2x(x, resample="bilinear"):  # (N, C, H, W) -> (N, C, H/2, W/2)
     out = conv2d(x, _filter(x), stride=2, padding=1, groups=x.shape[1])
     if resample == "upfirdn":
         return out
-    h, w = x.shape[2:]
-    return out * (_border_norm(h, x.device, x.dtype)[:, None] * _border_norm(w, x.device, x.dtype)[None, :])
+    return out * _constant("border", x.device, x.dtype, *x.shape[2:])
 
 
 def blur(x, padding):  # (N, C, H, W) -> (N, C, H + 2 * padding - 3, W + 2 * padding - 3)
