@@ -120,7 +120,7 @@ class EqualConv2d(nn.Module):
         else:
             x = conv2d(downsample2x(x, self.resample) if self.down else x, weight, padding=k // 2)
         if self.bias is not None:
-            x = x + self.bias[None, :, None, None] * gain
+            x = x + self.bias.view(1, -1, 1, 1) * gain
         return clamp(F.leaky_relu(x, 0.2), self.clamp) if self.activation else x
 
 
@@ -227,13 +227,13 @@ class ModulatedConv2d(nn.Module):
         x = self.blur(x) if self.up else x
         noise = noise * gain if noise is not None and gain != 1 else noise
         if dcoefs is not None:
-            scale = dcoefs[:, :, None, None] * gain  # (N, Cout, 1, 1)
+            scale = dcoefs.view(*dcoefs.shape, 1, 1) * gain  # (N, Cout, 1, 1)
             return torch.addcmul(noise, x, scale) if noise is not None else x * scale
         x = x * gain if gain != 1 else x
         return x + noise if noise is not None else x
 
     def _scaled(self, x, weight, styles):
-        x = x * styles[:, :, None, None]
+        x = x * styles.view(*styles.shape, 1, 1)
         if self.up:
             return conv2d(x, weight.transpose(0, 1), stride=2, transpose=True)
         return conv2d(x, weight, padding=weight.shape[-1] // 2)
@@ -354,7 +354,7 @@ class StyledLayer(nn.Module):
 
     def forward(self, x, w, noise_mode="random"):
         x = self.conv(x, w, noise=self.noise(x, noise_mode), gain=SQRT2)  # lrelu's gain, carried here
-        x = clamp(F.leaky_relu(x + self.bias[None, :, None, None] * SQRT2, 0.2), self.clamp)
+        x = clamp(F.leaky_relu(x + self.bias.view(1, -1, 1, 1) * SQRT2, 0.2), self.clamp)
         return self.adain(x, w) if self.adain is not None else x
 
 
@@ -368,7 +368,7 @@ class ToImage(nn.Module):
         self.clamp = clamp
 
     def forward(self, x, w):
-        return clamp(self.conv(x, w) + self.bias[None, :, None, None], self.clamp)
+        return clamp(self.conv(x, w) + self.bias.view(1, -1, 1, 1), self.clamp)
 
 
 class SynthesisBlock(nn.Module):
