@@ -24,17 +24,28 @@ def _filter(x, gain=1.0):  # -> (C, 1, 4, 4)
     return _constant("filter", x.device, x.dtype, gain).expand(x.shape[1], 1, 4, 4)
 
 
-@functools.lru_cache(maxsize=256)
 def _constant(kind, device, dtype, *args):
-    """A small constant tensor, made once per device, dtype and shape rather than at every call: the
-    filter taps ('filter', gain) or the down-sampling's border weights ('border', H, W). Never an
-    inference tensor, so that autograd may save it whatever mode its first call ran in."""
+    """A small constant tensor: the filter taps ('filter', gain) or the down-sampling's border weights
+    ('border', H, W), made once per device, dtype and shape rather than at every call (a compiled
+    graph folds it in itself)."""
+    if torch.compiler.is_compiling():
+        return _make_constant(kind, device, dtype, *args)
+    return _cached_constant(kind, device, dtype, *args)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_constant(kind, device, dtype, *args):
+    """Never an inference tensor, so that autograd may save it whatever mode its first call ran in."""
     with torch.inference_mode(False), torch.no_grad():
-        if kind == "filter":
-            tap = torch.tensor([1.0, 3.0, 3.0, 1.0], device=device, dtype=dtype)
-            return torch.outer(tap, tap) * (args[0] / 64)  # (4, 4)
-        h, w = args
-        return _border_norm(h, device, dtype)[:, None] * _border_norm(w, device, dtype)[None, :]  # (H/2, W/2)
+        return _make_constant(kind, device, dtype, *args)
+
+
+def _make_constant(kind, device, dtype, *args):
+    if kind == "filter":
+        tap = torch.tensor([1.0, 3.0, 3.0, 1.0], device=device, dtype=dtype)
+        return torch.outer(tap, tap) * (args[0] / 64)  # (4, 4)
+    h, w = args
+    return _border_norm(h, device, dtype)[:, None] * _border_norm(w, device, dtype)[None, :]  # (H/2, W/2)
 
 
 def upsample2x(x, resample="bilinear"):  # (N, C, H, W) -> (N, C, 2H, 2W)
