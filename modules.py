@@ -19,33 +19,31 @@ def pixel_norm(x, eps=1e-8):
     return x * (x.square().mean(dim=1, keepdim=True) + eps).rsqrt()
 
 
+def _made_once(make):
+    """`make(*args)`, a small constant tensor, made once per argument set rather than at every call (a
+    compiled graph folds it in itself); never an inference tensor, so that autograd may save it
+    whatever mode its first call ran in. The cache is the result's `cache`."""
+    @functools.lru_cache(maxsize=256)
+    def cache(*args):
+        with torch.inference_mode(False), torch.no_grad():
+            return make(*args)
+
+    @functools.wraps(make)
+    def constant(*args):
+        return make(*args) if torch.compiler.is_compiling() else cache(*args)
+    constant.cache = cache
+    return constant
+
+
+@_made_once
+def _taps(device, dtype, gain):  # -> (4, 4)
+    tap = torch.tensor([1.0, 3.0, 3.0, 1.0], device=device, dtype=dtype)
+    return torch.outer(tap, tap) * (gain / 64)
+
+
 def _filter(x, gain=1.0):  # -> (C, 1, 4, 4)
     """StyleGAN2's [1, 3, 3, 1] low-pass filter, normalised to sum `gain`, one copy per channel of x."""
-    return _constant("filter", x.device, x.dtype, gain).expand(x.shape[1], 1, 4, 4)
-
-
-def _constant(kind, device, dtype, *args):
-    """A small constant tensor: the filter taps ('filter', gain) or the down-sampling's border weights
-    ('border', H, W), made once per device, dtype and shape rather than at every call (a compiled
-    graph folds it in itself)."""
-    if torch.compiler.is_compiling():
-        return _make_constant(kind, device, dtype, *args)
-    return _cached_constant(kind, device, dtype, *args)
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_constant(kind, device, dtype, *args):
-    """Never an inference tensor, so that autograd may save it whatever mode its first call ran in."""
-    with torch.inference_mode(False), torch.no_grad():
-        return _make_constant(kind, device, dtype, *args)
-
-
-def _make_constant(kind, device, dtype, *args):
-    if kind == "filter":
-        tap = torch.tensor([1.0, 3.0, 3.0, 1.0], device=device, dtype=dtype)
-        return torch.outer(tap, tap) * (args[0] / 64)  # (4, 4)
-    h, w = args
-    return _border_norm(h, device, dtype)[:, None] * _border_norm(w, device, dtype)[None, :]  # (H/2, W/2)
+    return _taps(x.device, x.dtype, gain).expand(x.shape[1], 1, 4, 4)
 
 
 def upsample2x(x, resample="bilinear"):  # (N, C, H, W) -> (N, C, 2H, 2W)
@@ -64,7 +62,7 @@ def downsample2x(x, resample="bilinear"):  # (N, C, H, W) -> (N, C, H/2, W/2)
     out = conv2d(x, _filter(x), stride=2, padding=1, groups=x.shape[1])
     if resample == "upfirdn":
         return out
-    return out * _constant("border", x.device, x.dtype, *x.shape[2:])
+    return out * _border_weights(*x.shape[2:], x.device, x.dtype)
 
 
 def blur(x, padding):  # (N, C, H, W) -> (N, C, H + 2 * padding - 3, W + 2 * padding - 3)
@@ -84,6 +82,11 @@ def _border_norm(size, device, dtype):
     inside[0] -= 1
     inside[-1] -= 1
     return 8 / inside
+
+
+@_made_once
+def _border_weights(h, w, device, dtype):  # -> (H/2, W/2)
+    return _border_norm(h, device, dtype)[:, None] * _border_norm(w, device, dtype)[None, :]
 
 
 def channels_at(res, channel_base, channel_max, channel_min=0):
