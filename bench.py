@@ -108,6 +108,10 @@ class FlopCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func._overloadpacket is torch.ops.mkldnn._convolution_pointwise:  # a convolution, its bias and activation
+            x, weight, bias, padding, stride, dilation, groups = args[:7]
+            func, kwargs = torch.ops.aten.convolution.default, {}
+            args = (x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
             self.total += formula(*args, **kwargs, out_val=out)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ops import activations, conv2d
+from ops import activations, conv2d, conv2d_bias_lrelu
 
 SQRT2 = math.sqrt(2)  # StyleGAN2's gain after leaky ReLU (slope 0.2), which keeps unit variance; the
 # layers carry it in their weights and biases (lrelu(g x) = g lrelu(x) for g > 0): one pass fewer over x
@@ -130,9 +130,12 @@ class EqualConv2d(nn.Module):
         gain = SQRT2 if self.activation else 1.0  # lrelu's gain, carried by the weights
         weight, k = self.weight * (self.scale * gain), self.weight.shape[-1]
         if self.down and self.resample == "upfirdn" and k > 1:
-            x = conv2d(blur(x, padding=2), weight, stride=2)  # (N, C, H, W) -> (N, C', H/2, W/2)
+            x, stride, padding = blur(x, padding=2), 2, 0
         else:
-            x = conv2d(downsample2x(x, self.resample) if self.down else x, weight, padding=k // 2)
+            x, stride, padding = downsample2x(x, self.resample) if self.down else x, 1, k // 2
+        if self.activation and self.bias is not None:  # (N, C, H, W) -> (N, C', H / stride, W / stride)
+            return clamp(conv2d_bias_lrelu(x, weight, self.bias * gain, stride, padding), self.clamp)
+        x = conv2d(x, weight, stride, padding)
         if self.bias is not None:
             x = x + self.bias.view(1, -1, 1, 1) * gain
         return clamp(F.leaky_relu(x, 0.2), self.clamp) if self.activation else x

@@ -108,6 +108,7 @@ class _Conv(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
+        grad = activations(grad)  # else the input gradient, and every layer's below, would take grad's order
         if not torch.is_grad_enabled():  # a first-order backward: no graph to build
             if not _winograd_fits(x, weight, ctx.spec):  # PyTorch's fused kernel
                 return *_aten_conv_grads(grad, x, weight, ctx.spec, [need_x, need_w]), None
@@ -133,6 +134,84 @@ class _ConvWeightGrad(torch.autograd.Function):
         d_grad = conv2d(x, grad_grad_w, *ctx.spec) if ctx.needs_input_grad[0] else None
         d_x = _input_grad(grad, grad_grad_w, ctx.spec, x.shape) if ctx.needs_input_grad[1] else None
         return d_grad, d_x, None, None
+
+
+def conv2d_bias_lrelu(x, weight, bias, stride=1, padding=0, slope=0.2):
+    """leaky_relu(conv2d(x, weight, stride, padding) + bias, slope). On the CPU in channels-last order, one oneDNN
+    kernel with the bias and the activation in the convolution's epilogue: two passes over the output fewer; from a
+    1-channel image, one multiply-add and the activation in place."""
+    spec = (stride, padding, 1, False, 0)
+    if _epilogue_fits(x, weight, spec):
+        if _image_side_pointwise(weight, spec[:4]) and x.shape[1] == 1:
+            return _FromImageBiasLReLU.apply(x, weight, bias, slope)
+        return _ConvBiasLReLU.apply(x, weight, bias, spec, slope)
+    return F.leaky_relu(conv2d(x, weight, stride, padding) + bias.view(1, -1, 1, 1), slope)
+
+
+def _epilogue_fits(x, weight, spec):
+    return (LAYOUT["channels_last"] and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and torch.backends.mkldnn.is_available() and not _winograd_fits(x, weight, spec))
+
+
+@_clocked
+def _mkldnn_conv_bias_lrelu(x, weight, bias, spec, slope):
+    stride, padding = spec[:2]
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [padding] * 2, [stride] * 2, [1, 1], 1,
+                                                   "leaky_relu", [slope], "")
+
+
+class _ConvBiasLReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec, slope):
+        out = _mkldnn_conv_bias_lrelu(x, weight, bias, spec, slope)
+        ctx.save_for_backward(x, weight, out)  # out > 0 where the activation's input was
+        ctx.spec, ctx.slope = spec, slope
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, out = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad = activations(grad)
+        grad = _lrelu_grad(grad, out, ctx.slope)
+        if torch.is_grad_enabled():  # building a graph (the penalties' double backward): differentiable ops
+            grad_x = _input_grad(grad, weight, ctx.spec, x.shape) if need_x else None
+            grad_w = _ConvWeightGrad.apply(grad, x, weight.shape, ctx.spec) if need_w else None
+        else:
+            grad_x, grad_w = _aten_conv_grads(grad, x, weight, ctx.spec, [need_x, need_w])
+        return grad_x, grad_w, grad.sum((0, 2, 3)) if need_b else None, None, None
+
+
+def _lrelu_grad(grad, out, slope):
+    """leaky_relu's backward from its output; differentiable (in grad) when a graph is being built."""
+    if torch.is_grad_enabled():
+        return grad * torch.where(out > 0, 1.0, slope)
+    return torch.ops.aten.leaky_relu_backward(grad, out, slope, True)
+
+
+@_clocked
+def _from_image_bias_lrelu(x, weight, bias, slope):
+    n, _, h, w = x.shape
+    return F.leaky_relu_(torch.addcmul(bias, x.reshape(n, h, w, 1), weight.flatten()), slope)
+
+
+class _FromImageBiasLReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, slope):  # (N, 1, H, W), (Co, 1, 1, 1) -> (N, Co, H, W), channels-last strides
+        out = _from_image_bias_lrelu(x, weight, bias, slope)  # (N, H, W, Co)
+        ctx.save_for_backward(x, weight, out)
+        ctx.slope = slope
+        return out.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, out = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad = _lrelu_grad(activations(grad).permute(0, 2, 3, 1), out, ctx.slope).reshape(-1, out.shape[-1])
+        grad_x = (grad @ weight.view(-1, 1)).view(x.shape) if need_x else None  # (N*H*W, Co) @ (Co, 1)
+        grad_w = (x.reshape(1, -1) @ grad).view(weight.shape) if need_w else None
+        return grad_x, grad_w, grad.sum(0) if need_b else None, None
 
 
 # Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016): a stride-1 3x3 convolution as 16 matrix

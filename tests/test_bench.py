@@ -26,6 +26,18 @@ def test_flop_count_of_a_convolution_forward_and_backward():
     assert counter.total == forward
 
 
+def test_flop_count_of_a_convolution_with_its_bias_and_activation_in_the_kernel(monkeypatch):
+    monkeypatch.setitem(ops.LAYOUT, "channels_last", True)  # the CPU's layout: oneDNN's fused kernel
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w, b = torch.randn(5, 3, 3, 3, requires_grad=True), torch.randn(5, requires_grad=True)
+    with bench.FlopCount() as counter:
+        y = ops.conv2d_bias_lrelu(x, w, b, padding=1)
+    assert "BiasLReLU" in y.grad_fn.name() and counter.total == 2 * 2 * 5 * 3 * 9 * 8 * 8
+    with bench.FlopCount() as counter:
+        ops.conv2d_bias_lrelu(x, w, b, padding=1).sum().backward()
+    assert counter.total == 3 * 2 * 2 * 5 * 3 * 9 * 8 * 8
+
+
 @pytest.mark.parametrize("loss,pl_weight,expected", [("wgan-gp", 2.0, 8), ("logistic", 0.0, 4), ("logistic", 2.0, 8)])
 def test_cycle_length_is_the_lcm_of_the_penalty_intervals(loss, pl_weight, expected):
     cfg = SimpleNamespace(loss=loss, gp_lambda=10.0, drift=0.001, r1_gamma=1.0, wgan_r1_gamma=0.0, d_reg_interval=4,
