@@ -148,10 +148,26 @@ def conv2d_bias_lrelu(x, weight, bias, stride=1, padding=0, slope=0.2):
     return F.leaky_relu(conv2d(x, weight, stride, padding) + bias.view(1, -1, 1, 1), slope)
 
 
+EPILOGUE = dict(enabled=False)  # set by use_fast_kernels: on for the CPU where oneDNN's fused kernel works
+
+
 def _epilogue_fits(x, weight, spec):
-    return (LAYOUT["channels_last"] and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and torch.backends.mkldnn.is_available() and not _winograd_fits(x, weight, spec))
+    return (EPILOGUE["enabled"] and LAYOUT["channels_last"] and x.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling() and not _winograd_fits(x, weight, spec))
+
+
+def epilogue_kernel_works():
+    """Whether this PyTorch build runs oneDNN's convolution with a fused bias and leaky ReLU, and agrees with the
+    composition (checked once per process, on a tiny layer); where it does not, the composition runs."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(2, 2, 3, 3, generator=g), torch.randn(2, generator=g)
+    try:
+        y = torch.ops.mkldnn._convolution_pointwise(x, w, b, [1, 1], [1, 1], [1, 1], 1, "leaky_relu", [0.2], "")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return torch.allclose(y, F.leaky_relu(F.conv2d(x, w, b, padding=1), 0.2), rtol=1e-4, atol=1e-5)
 
 
 @_clocked
@@ -390,10 +406,11 @@ def activations(x):
 
 def use_fast_kernels(device, winograd="auto"):
     """The process-wide speed settings each script makes once it knows its device: Winograd's
-    convolution where it is faster (--winograd), channels-last activations on the CPU, and malloc
-    keeping freed memory."""
+    convolution where it is faster (--winograd), channels-last activations and D's convolutions with their
+    bias and activation in the kernel on the CPU, and malloc keeping freed memory."""
     use_winograd(winograd, device)
     LAYOUT["channels_last"] = device.type == "cpu"
+    EPILOGUE["enabled"] = device.type == "cpu" and epilogue_kernel_works()
     keep_freed_memory()
 
 

@@ -20,13 +20,14 @@ torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))
 
 @pytest.fixture(autouse=True)
 def winograd_as_imported():
-    """The scripts switch Winograd's convolution and channels-last activations on for the CPU (module-wide
-    settings); every test starts from the module's defaults, off."""
+    """The scripts switch Winograd's convolution, channels-last activations and the fused convolution epilogue on
+    for the CPU (module-wide settings); every test starts from the module's defaults, off."""
     import ops
-    saved, layout = dict(ops.WINOGRAD), dict(ops.LAYOUT)
+    saved, layout, epilogue = dict(ops.WINOGRAD), dict(ops.LAYOUT), dict(ops.EPILOGUE)
     yield
     ops.WINOGRAD.update(saved)
     ops.LAYOUT.update(layout)
+    ops.EPILOGUE.update(epilogue)
 
 
 def assert_user_error(capsys, code, *needles):

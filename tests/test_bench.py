@@ -27,7 +27,8 @@ def test_flop_count_of_a_convolution_forward_and_backward():
 
 
 def test_flop_count_of_a_convolution_with_its_bias_and_activation_in_the_kernel(monkeypatch):
-    monkeypatch.setitem(ops.LAYOUT, "channels_last", True)  # the CPU's layout: oneDNN's fused kernel
+    monkeypatch.setitem(ops.LAYOUT, "channels_last", True)  # the CPU's settings: oneDNN's fused kernel
+    monkeypatch.setitem(ops.EPILOGUE, "enabled", True)
     x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
     w, b = torch.randn(5, 3, 3, 3, requires_grad=True), torch.randn(5, requires_grad=True)
     with bench.FlopCount() as counter:

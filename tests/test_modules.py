@@ -416,10 +416,12 @@ def test_generator_noise_modes():
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_networks_keep_channels_last_activations_where_the_layout_asks(monkeypatch, channels):
+@pytest.mark.parametrize("epilogue", [False, True])  # D's bias and activation in the convolution's kernel
+def test_networks_keep_channels_last_activations_where_the_layout_asks(monkeypatch, channels, epilogue):
     """On the CPU the activations run channels-last from the networks' inputs on, with no conversion between
     layers (docs/speed.md); a layer that hands back the default order slows every layer after it."""
     monkeypatch.setitem(ops.LAYOUT, "channels_last", True)
+    monkeypatch.setitem(ops.EPILOGUE, "enabled", epilogue)
     torch.manual_seed(0)
     G, D = tiny_generator(img_channels=channels), Discriminator(img_channels=channels, **TINY)
     seen = []

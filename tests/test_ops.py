@@ -88,6 +88,7 @@ def test_conv_with_bias_and_leaky_relu_in_one_kernel_matches_the_composition_to_
 
     def derivatives(fused):
         monkeypatch.setitem(ops.LAYOUT, "channels_last", fused)
+        monkeypatch.setitem(ops.EPILOGUE, "enabled", fused)
         xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
         y = ops.conv2d_bias_lrelu(xs, ws, bs, stride, padding)
         assert ("BiasLReLU" in y.grad_fn.name()) == fused
@@ -101,11 +102,30 @@ def test_conv_with_bias_and_leaky_relu_in_one_kernel_matches_the_composition_to_
         assert torch.allclose(a, c, rtol=1e-4, atol=1e-5 * a.abs().max().item())
 
 
+def test_the_fused_epilogue_runs_only_where_the_kernel_works(monkeypatch):
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("PyTorch built without oneDNN")
+    ops.use_fast_kernels(torch.device("cpu"))
+    assert ops.EPILOGUE["enabled"]
+    x, w, b = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3), torch.randn(5)
+    assert "BiasLReLU" in ops.conv2d_bias_lrelu(ops.activations(x), w.requires_grad_(), b, padding=1).grad_fn.name()
+
+    def broken(*args):
+        raise RuntimeError("no such kernel in this build")
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", broken)
+    ops.use_fast_kernels(torch.device("cpu"))
+    assert not ops.EPILOGUE["enabled"]
+    y = ops.conv2d_bias_lrelu(ops.activations(x), w, b, padding=1)  # the composition
+    assert torch.allclose(y, torch.nn.functional.leaky_relu(torch.nn.functional.conv2d(x, w, b, padding=1), 0.2),
+                          atol=1e-5)
+
+
 def test_gradients_stay_channels_last_through_the_networks_backward_and_double_backward(monkeypatch):
     """Every convolution kernel of D's backward, and of the double backward of a penalty on its input gradient (R1),
     gets its operands channels-last: a gradient in the default order makes oneDNN hand back that order, and every
     layer below it then runs at about half speed."""
     monkeypatch.setitem(ops.LAYOUT, "channels_last", True)
+    monkeypatch.setitem(ops.EPILOGUE, "enabled", True)
     seen = []
 
     def spy(kernel, activations):  # the number of activation operands in front: (x, ...) or (grad, x, ...)
