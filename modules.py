@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ops import activations, conv2d, conv2d_bias_lrelu
+from ops import LAYOUT, activations, conv2d, conv2d_bias_lrelu, pointwise_conv_per_sample
 
 SQRT2 = math.sqrt(2)  # StyleGAN2's gain after leaky ReLU (slope 0.2), which keeps unit variance; the
 # layers carry it in their weights and biases (lrelu(g x) = g lrelu(x) for g > 0): one pass fewer over x
@@ -217,7 +217,8 @@ class ModulatedConv2d(nn.Module):
     so that each output map has unit expected variance (StyleGAN2's weight demodulation).
 
     The default is the cheap form: scale the activations, run an ordinary convolution, scale the
-    output. The per-sample grouped-convolution form (fused=True) gives the same result but generates
+    output; a 1x1 layer on the CPU is one batched matrix product with the styles in per-sample weights.
+    The per-sample grouped-convolution form (fused=True) gives the same result but generates
     more slowly (docs/speed.md)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, w_dim, demodulate=True, up=False, modulate=True):
@@ -250,6 +251,8 @@ class ModulatedConv2d(nn.Module):
         return x + noise if noise is not None else x
 
     def _scaled(self, x, weight, styles):
+        if weight.shape[-1] == 1 and not self.up and LAYOUT["channels_last"]:  # to-image on the CPU
+            return pointwise_conv_per_sample(x, weight.flatten(1).t() * styles.unsqueeze(2))  # (N, Cin, Cout)
         x = x * styles.view(*styles.shape, 1, 1)
         if self.up:
             return conv2d(x, weight.transpose(0, 1), stride=2, transpose=True)

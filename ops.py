@@ -73,6 +73,15 @@ def pointwise_conv(x, weight):  # (N, Ci, H, W), (Co, Ci, 1, 1) -> (N, Co, H, W)
     return out.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
+@_clocked
+def pointwise_conv_per_sample(x, weights):  # (N, Ci, H, W), (N, Ci, Co) -> (N, Co, H, W), channels-last strides
+    """A 1x1 convolution with one weight matrix per sample (a modulated to-image layer, the styles in its weights), as
+    one batched matrix product over channels-last pixels: no pass over x to scale it first."""
+    n, ci, h, w = x.shape
+    out = torch.bmm(x.permute(0, 2, 3, 1).reshape(n, h * w, ci), weights)  # (N, H*W, Co)
+    return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
 def _input_grad(grad, weight, spec, input_shape):
     """d(conv(x, weight)) / dx applied to `grad`: the convolution the other way round."""
     stride, padding, groups, transpose, _ = spec

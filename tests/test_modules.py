@@ -139,6 +139,26 @@ def test_modconv_fused_matches_unfused(kernel, up, demodulate):
     assert not torch.allclose(a, c, atol=1e-3)
 
 
+@pytest.mark.parametrize("demodulate", [False, True])
+def test_modconv_1x1_as_per_sample_matrix_product_matches_scaling_the_activations(monkeypatch, demodulate):
+    """On the CPU (channels-last) a 1x1 modulated layer (to-image) multiplies by per-sample weights that carry the
+    styles: the same output, gradients and penalty gradients (the path-length penalty's) as scaling x first."""
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(8, 3, 1, w_dim=16, demodulate=demodulate)
+    x, w, g = torch.randn(3, 8, 6, 6), torch.randn(3, 16), torch.randn(3, 3, 6, 6)
+
+    def derivatives(channels_last):
+        monkeypatch.setitem(ops.LAYOUT, "channels_last", channels_last)
+        xs, ws = ops.activations(x).requires_grad_(), w.clone().requires_grad_()
+        y = conv(xs, ws)
+        gx, gw = torch.autograd.grad(y, (xs, ws), g, create_graph=True)
+        penalty = torch.autograd.grad(gx.square().sum() + gw.square().sum(), [ws, *conv.parameters()])
+        return y.detach(), gx.detach(), gw.detach(), *penalty
+
+    for a, b in zip(derivatives(False), derivatives(True)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item())
+
+
 @pytest.mark.parametrize("fused,up,style_op", [(False, False, "modconv"), (False, True, "modconv"),
                                                 (True, True, "modconv"), (False, False, "adain")])
 def test_styled_layer_is_lrelu_of_conv_plus_noise_plus_bias_times_sqrt2(fused, up, style_op):
