@@ -1,6 +1,7 @@
 """Low-level operations below the networks: a 2D convolution whose derivatives are again
 convolutions (to any order, for the lazy penalties' double backward), Winograd's F(2x2, 3x3) for
 stride-1 3x3 convolutions on the CPU, 1x1 convolutions to or from one channel as matrix products,
+convolutions with their bias and leaky ReLU in oneDNN's kernel, a 1x1 convolution with per-sample weights,
 the process-wide fast-kernel switches, a clock of the time in convolution kernels (bench.py), and the
 area-averaged thumbnails that the mode-seeking penalty and the pixel-space metrics compare images by."""
 import contextlib
@@ -198,8 +199,7 @@ class _ConvBiasLReLU(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, out = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad = activations(grad)
-        grad = _lrelu_grad(grad, out, ctx.slope)
+        grad = _lrelu_grad(activations(grad), out, ctx.slope)
         if torch.is_grad_enabled():  # building a graph (the penalties' double backward): differentiable ops
             grad_x = _input_grad(grad, weight, ctx.spec, x.shape) if need_x else None
             grad_w = _ConvWeightGrad.apply(grad, x, weight.shape, ctx.spec) if need_w else None
