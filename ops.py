@@ -69,17 +69,19 @@ def pointwise_conv(x, weight):  # (N, Ci, H, W), (Co, Ci, 1, 1) -> (N, Co, H, W)
     """A 1x1 convolution to or from one channel (a network's image side on grey slices) as the matrix product it
     is. On the CPU it runs several times faster than oneDNN's convolution, whose 1-channel images are laid out
     alike in both memory orders, so that it returns the default one; this keeps the activations channels-last."""
-    n, ci, h, w = x.shape
-    out = x.permute(0, 2, 3, 1).reshape(-1, ci) @ weight.flatten(1).t()  # (N*H*W, Co)
-    return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+    return _pixels_times(x, weight.flatten(1).t())
 
 
 @_clocked
 def pointwise_conv_per_sample(x, weights):  # (N, Ci, H, W), (N, Ci, Co) -> (N, Co, H, W), channels-last strides
     """A 1x1 convolution with one weight matrix per sample (a modulated to-image layer, the styles in its weights), as
     one batched matrix product over channels-last pixels: no pass over x to scale it first."""
+    return _pixels_times(x, weights)
+
+
+def _pixels_times(x, weights):  # (N, Ci, H, W), (Ci, Co) or (N, Ci, Co) -> (N, Co, H, W), channels-last strides
     n, ci, h, w = x.shape
-    out = torch.bmm(x.permute(0, 2, 3, 1).reshape(n, h * w, ci), weights)  # (N, H*W, Co)
+    out = torch.matmul(x.permute(0, 2, 3, 1).reshape(n, h * w, ci), weights)  # (N, H*W, Co): one mm, or a bmm
     return out.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
