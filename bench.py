@@ -10,10 +10,17 @@ also times one large 3x3 convolution, the machine's practical compute peak, and 
 training step's FLOP/s (counted with torch.utils.flop_counter) as a fraction of it; on the CPU also
 the share of the step spent in convolution kernels, and the fraction the step would reach if nothing
 else took time (its FLOP/s over the convolutions' time alone). Takes the
-same preset and setting flags as train.py, plus --iters, --warmup and --json."""
+same preset and setting flags as train.py, plus --iters, --warmup and --json.
+
+    python bench.py --preset demo256 --against HEAD~3   # this tree against an earlier revision
+
+--against REV benches the project's files at git revision REV beside this tree, each in its own
+process, alternating --rounds times, and reports both and the ratio of their means: a shared machine's
+speed moves from run to run, and alternation lets it move both alike."""
 import deps  # noqa: F401  (first: stops with one line when this Python lacks a package)
 
 # isort: split
+import io
 import json
 import math
 import os
@@ -21,6 +28,8 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,7 +49,8 @@ from training import autocast, build_run, reg_intervals, train_step
 from utils import read_jsonl, save_json
 
 B = constants.BENCH
-ITERS, WARMUP, GENERATION_BATCH, PEAK_CONV = B["iters"], B["warmup"], B["generation_batch"], B["peak_conv"]
+ITERS, WARMUP, GENERATION_BATCH, PEAK_CONV, ROUNDS = (B["iters"], B["warmup"], B["generation_batch"],
+                                                     B["peak_conv"], B["rounds"])
 NODE = constants.NODE_CHECK
 NODE_FIGURES = ("swd", "ms_ssim_fake", "ms_ssim_real", "precision", "recall", "copy_rate")  # in the summary
 EXTRA_FLAGS = [
@@ -48,6 +58,9 @@ EXTRA_FLAGS = [
     (("--iters",), dict(type=int, metavar="N", help=f"timed training iterations (default: {ITERS})")),
     (("--warmup",), dict(type=int, metavar="N", help=f"untimed iterations first (default: {WARMUP})")),
     (("--json",), dict(action="store_true", help="print the results as one JSON object on stdout")),
+    (("--against",), dict(metavar="REV", help="also bench this project at git revision REV, each in its own "
+                                              "process, the two alternating; reports both and their ratio")),
+    (("--rounds",), dict(type=int, metavar="N", help=f"--against: alternations of the two (default: {ROUNDS})")),
     (("--check-node",), dict(action="store_true",
                              help=f"the GPU node check (sized for 10 minutes): bench.py at {NODE['bench_preset']} "
                                   f"with and without --compile, {NODE['train_seconds']} s of {NODE['train_preset']} "
@@ -201,6 +214,74 @@ def report(r):
 
 
 # ---------------------------------------------------------------------------------------
+# --against: this tree and an earlier revision, alternating in separate processes
+# ---------------------------------------------------------------------------------------
+def export_revision(rev, folder):
+    """The project's files at git revision `rev`, written into `folder`; the working tree is untouched."""
+    root = Path(__file__).resolve().parent
+    try:
+        tar = subprocess.run(["git", "-C", str(root), "archive", "--format=tar", rev, "--"], capture_output=True)
+    except FileNotFoundError:
+        raise UserError("--against needs git on the PATH") from None
+    if tar.returncode != 0:
+        message = tar.stderr.decode(errors="replace").strip().splitlines() or ["git archive failed"]
+        raise UserError(f"--against {rev}: {message[-1]}")
+    with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as archive:
+        archive.extractall(folder, filter="data")
+
+
+def bench_process(tree, args, name):
+    """bench.py of the project in `tree` run with `args` in its own process; its JSON results."""
+    done = subprocess.run([sys.executable, str(Path(tree) / "bench.py"), *args, "--json"], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines or not lines[-1].startswith("{"):
+        why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"bench.py of {name} failed (exit {done.returncode}): {why}")
+    return json.loads(lines[-1])
+
+
+def compare(args, rev, rounds):
+    """`rounds` runs each of this tree's bench.py and REV's with `args`, alternating which goes first."""
+    with tempfile.TemporaryDirectory(prefix="bench_against_") as folder:
+        export_revision(rev, folder)
+        trees = [("this tree", Path(__file__).resolve().parent), (rev, Path(folder))]
+        results = {name: [] for name, _ in trees}
+        for r in range(rounds):
+            for name, tree in trees if r % 2 == 0 else trees[::-1]:
+                results[name].append(bench_process(tree, args, name))
+    mean = {name: sum(x["img_per_s"] for x in xs) / len(xs) for name, xs in results.items()}
+    return dict(against=rev, rounds=rounds, this=results["this tree"], previous=results[rev],
+                ratio=mean["this tree"] / mean[rev])
+
+
+def compare_report(c):
+    first = c["this"][0]
+    lines = [f"{first['device']}, {first['resolution']}x{first['resolution']}, batch {first['batch_size']}, "
+             f"{first['iters']} iterations: this tree against {c['against']}, {c['rounds']} rounds alternating"]
+    for name, results in (("this tree", c["this"]), (c["against"], c["previous"])):
+        speeds = ", ".join(f"{r['img_per_s']:.2f}" for r in results)
+        shares = ", ".join(f"{100 * r['fraction_of_peak']:.0f}%" for r in results)
+        mean = sum(r["img_per_s"] for r in results) / len(results)
+        lines.append(f"  {name:>12s}  training {speeds} img/s (mean {mean:.2f}); of the conv peak {shares}")
+    lines.append(f"  ratio of the means: {c['ratio']:.3f}x")
+    return "\n".join(lines)
+
+
+def without_flags(argv, flags):
+    """argv without the given value-taking flags and their values (`--flag V` and `--flag=V`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        elif not any(a.startswith(f + "=") for f in flags):
+            out.append(a)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
 # The node check: bench, a short training, an evaluation (train.py, evaluate.py and
 # generate_images.py run as programs, each in its own process)
 # ---------------------------------------------------------------------------------------
@@ -300,6 +381,9 @@ def node_report(s):
 @command
 def main(argv=None):
     given, opts = parse_settings(argv, "", __doc__, EXTRA_FLAGS)
+    if getattr(opts, "against", None) is not None and (getattr(opts, "check_node", False)
+                                                       or getattr(opts, "check_tiny", False)):
+        raise UserError("--against benches training; it does not combine with --check-node or --check-tiny")
     if getattr(opts, "check_node", False) or getattr(opts, "check_tiny", False):
         summary = check_node(given, getattr(opts, "check_tiny", False))
         print(json.dumps(summary) if getattr(opts, "json", False) else node_report(summary))
@@ -308,6 +392,14 @@ def main(argv=None):
     if iters < 1 or warmup < 0:
         raise UserError(f"--iters must be >= 1 and --warmup >= 0, got {iters} and {warmup}")
     cfg = resolve_settings(given, "", getattr(opts, "preset", None))
+    rev, rounds = getattr(opts, "against", None), getattr(opts, "rounds", None)
+    if rounds is not None and (rev is None or rounds < 1):
+        raise UserError(f"--rounds needs --against and must be >= 1, got {rounds}")
+    if rev is not None:
+        args = without_flags(sys.argv[1:] if argv is None else list(map(str, argv)), ("--against", "--rounds"))
+        c = compare([a for a in args if a != "--json"], rev, rounds or ROUNDS)
+        print(json.dumps(c) if getattr(opts, "json", False) else compare_report(c))
+        return 0
     results = bench(cfg, iters, warmup)
     print(json.dumps(results) if getattr(opts, "json", False) else report(results))
     return 0

@@ -109,7 +109,8 @@ WINOGRAD_KERNEL = dict(min_channels=128, min_size=16, chunk=2**20)
 
 # bench.py: timed and warm-up training iterations, the generation batch, and the reference 3x3
 # convolution that measures the machine's conv peak (CPU; 4x the batch on CUDA)
-BENCH = dict(iters=16, warmup=4, generation_batch=64, peak_conv=dict(batch=16, channels=256, size=64))
+BENCH = dict(iters=16, warmup=4, generation_batch=64, peak_conv=dict(batch=16, channels=256, size=64),
+             rounds=3)  # rounds: --against's alternations of the two codes
 # bench.py --check-node: the preset it benches (with and without --compile), the one it trains on the
 # demo data and for how many seconds, the evaluation's images, and its folder; --check-tiny shrinks it
 # (no --compile there: compiling on a CPU takes minutes).

@@ -1,5 +1,7 @@
 """bench.py: the FLOP counter, the penalty cycle, and the JSON report on a tiny model."""
 import json
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +11,7 @@ from conftest import assert_user_error
 
 import bench
 import ops
+from settings import UserError
 
 
 def test_flop_count_of_a_convolution_forward_and_backward():
@@ -120,3 +123,55 @@ def test_node_check_names_a_failed_training(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # as in a fresh shell: stdout to a file is buffered
     code = bench.main(["--check-tiny", "--data-root", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "c")])
     assert_user_error(capsys, code, "the training of the node check failed (exit 2)", "missing", "train.log")
+
+
+def git_head_file(name):
+    done = subprocess.run(["git", "-C", str(Path(bench.__file__).parent), "show", f"HEAD:{name}"], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("not a git checkout")
+    return done.stdout
+
+
+def test_against_alternates_the_two_codes_and_reports_the_ratio_of_their_means(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "export_revision", lambda rev, folder: (Path(folder) / "bench.py").write_text(rev))
+    calls = []
+
+    def fake_bench(tree, args, name):  # this tree runs at 10 img/s, the revision at 8
+        calls.append((name, args))
+        if name == "HEAD":
+            assert (Path(tree) / "bench.py").read_text() == "HEAD"  # the exported revision's
+        else:
+            assert Path(tree) == Path(bench.__file__).parent
+        return dict(device="cpu", resolution=32, batch_size=4, iters=4, fraction_of_peak=0.3,
+                    img_per_s=10.0 if name == "this tree" else 8.0)
+
+    monkeypatch.setattr(bench, "bench_process", fake_bench)
+    assert bench.main(["--preset", "smoke", "--against", "HEAD", "--iters", "4", "--rounds=3", "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)
+    assert [name for name, _ in calls] == ["this tree", "HEAD", "HEAD", "this tree", "this tree", "HEAD"]
+    assert all(args == ["--preset", "smoke", "--iters", "4"] for _, args in calls)
+    assert len(c["this"]) == len(c["previous"]) == 3 and c["ratio"] == pytest.approx(1.25)
+    assert bench.main(["--preset", "smoke", "--against=HEAD", "--rounds", "1"]) == 0
+    assert "ratio of the means: 1.250x" in capsys.readouterr().out
+
+
+def test_against_exports_the_committed_files(tmp_path):
+    committed = git_head_file("bench.py")
+    bench.export_revision("HEAD", tmp_path)
+    assert (tmp_path / "bench.py").read_bytes() == committed
+    assert (tmp_path / "tests" / "test_bench.py").read_bytes() == git_head_file("tests/test_bench.py")
+
+
+def test_against_a_revision_git_does_not_know_names_it(capsys):
+    git_head_file("bench.py")
+    assert_user_error(capsys, bench.main(["--preset", "smoke", "--against", "no-such-revision"]),
+                      "--against no-such-revision")
+
+
+def test_against_bad_rounds_and_a_failed_bench_are_one_line(capsys, tmp_path):
+    assert_user_error(capsys, bench.main(["--preset", "smoke", "--rounds", "2"]), "--rounds needs --against")
+    assert_user_error(capsys, bench.main(["--preset", "smoke", "--against", "HEAD", "--rounds", "0"]), "--rounds")
+    assert_user_error(capsys, bench.main(["--check-tiny", "--against", "HEAD"]), "--against", "--check-tiny")
+    (tmp_path / "bench.py").write_text("import sys\nsys.exit('error: --iters is not a flag here')\n")
+    with pytest.raises(UserError, match="bench.py of OLD failed .exit 1.: error: --iters is not a flag here"):
+        bench.bench_process(tmp_path, ["--iters", "4"], "OLD")
