@@ -263,7 +263,8 @@ def compare_report(c):
         speeds = ", ".join(f"{r['img_per_s']:.2f}" for r in results)
         shares = ", ".join(f"{100 * r['fraction_of_peak']:.0f}%" for r in results)
         mean = sum(r["img_per_s"] for r in results) / len(results)
-        lines.append(f"  {name:>12s}  training {speeds} img/s (mean {mean:.2f}); of the conv peak {shares}")
+        lines.append(f"  {name:>12s}  training {speeds} img/s (mean {mean:.2f}); of the conv peak {shares} "
+                     f"({results[0]['gflop_per_img']:.2f} GFLOP/img)")
     lines.append(f"  ratio of the means: {c['ratio']:.3f}x")
     return "\n".join(lines)
 

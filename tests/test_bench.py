@@ -142,7 +142,7 @@ def test_against_alternates_the_two_codes_and_reports_the_ratio_of_their_means(c
             assert (Path(tree) / "bench.py").read_text() == "HEAD"  # the exported revision's
         else:
             assert Path(tree) == Path(bench.__file__).parent
-        return dict(device="cpu", resolution=32, batch_size=4, iters=4, fraction_of_peak=0.3,
+        return dict(device="cpu", resolution=32, batch_size=4, iters=4, fraction_of_peak=0.3, gflop_per_img=0.1,
                     img_per_s=10.0 if name == "this tree" else 8.0)
 
     monkeypatch.setattr(bench, "bench_process", fake_bench)
