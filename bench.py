@@ -219,6 +219,8 @@ def report(r):
 def export_revision(rev, folder):
     """The project's files at git revision `rev`, written into `folder`; the working tree is untouched."""
     root = Path(__file__).resolve().parent
+    if rev.startswith("-"):
+        raise UserError(f"--against takes a git revision (a commit, tag or branch), got {rev!r}")
     try:
         tar = subprocess.run(["git", "-C", str(root), "archive", "--format=tar", rev, "--"], capture_output=True)
     except FileNotFoundError:

@@ -166,6 +166,7 @@ def test_against_a_revision_git_does_not_know_names_it(capsys):
     git_head_file("bench.py")
     assert_user_error(capsys, bench.main(["--preset", "smoke", "--against", "no-such-revision"]),
                       "--against no-such-revision")
+    assert_user_error(capsys, bench.main(["--preset", "smoke", "--against=--output=x.tar"]), "--against", "'--output")
 
 
 def test_against_bad_rounds_and_a_failed_bench_are_one_line(capsys, tmp_path):
