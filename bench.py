@@ -229,7 +229,11 @@ def export_revision(rev, folder):
         message = tar.stderr.decode(errors="replace").strip().splitlines() or ["git archive failed"]
         raise UserError(f"--against {rev}: {message[-1]}")
     with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as archive:
-        archive.extractall(folder, filter="data")
+        for member in archive.getmembers():  # git archive writes relative files and folders; nothing else is taken
+            outside = member.name.startswith("/") or ".." in Path(member.name).parts
+            if outside or not (member.isfile() or member.isdir()):
+                raise UserError(f"--against {rev}: the revision holds {member.name!r}, which is not a plain file")
+        archive.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
 
 
 def bench_process(tree, args, name):

@@ -1,6 +1,9 @@
 """bench.py: the FLOP counter, the penalty cycle, and the JSON report on a tiny model."""
+import io
 import json
+import re
 import subprocess
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -155,7 +158,10 @@ def test_against_alternates_the_two_codes_and_reports_the_ratio_of_their_means(c
     assert "ratio of the means: 1.250x" in capsys.readouterr().out
 
 
-def test_against_exports_the_committed_files(tmp_path):
+@pytest.mark.parametrize("old_python", [False, True])  # tarfile's extraction filters came with Python 3.11.4
+def test_against_exports_the_committed_files(tmp_path, monkeypatch, old_python):
+    if old_python:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
     committed = git_head_file("bench.py")
     bench.export_revision("HEAD", tmp_path)
     assert (tmp_path / "bench.py").read_bytes() == committed
@@ -176,3 +182,17 @@ def test_against_bad_rounds_and_a_failed_bench_are_one_line(capsys, tmp_path):
     (tmp_path / "bench.py").write_text("import sys\nsys.exit('error: --iters is not a flag here')\n")
     with pytest.raises(UserError, match="bench.py of OLD failed .exit 1.: error: --iters is not a flag here"):
         bench.bench_process(tmp_path, ["--iters", "4"], "OLD")
+
+
+@pytest.mark.parametrize("name,kind", [("../outside.py", tarfile.REGTYPE), ("link.py", tarfile.SYMTYPE)])
+def test_against_takes_only_plain_files_inside_the_folder(capsys, tmp_path, monkeypatch, name, kind):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        member = tarfile.TarInfo(name)
+        member.type, member.linkname = kind, "/etc/passwd" if kind == tarfile.SYMTYPE else ""
+        archive.addfile(member, io.BytesIO(b""))
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: SimpleNamespace(returncode=0,
+                                                                                 stdout=buffer.getvalue()))
+    with pytest.raises(UserError, match=f"--against HEAD: the revision holds '{re.escape(name)}'"):
+        bench.export_revision("HEAD", tmp_path / "tree")
+    assert not (tmp_path / "tree").exists() and not (tmp_path / "outside.py").exists()
