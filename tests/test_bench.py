@@ -185,7 +185,7 @@ def test_against_bad_rounds_and_a_failed_bench_are_one_line(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("name,kind", [("../outside.py", tarfile.REGTYPE), ("link.py", tarfile.SYMTYPE)])
-def test_against_takes_only_plain_files_inside_the_folder(capsys, tmp_path, monkeypatch, name, kind):
+def test_against_takes_only_plain_files_inside_the_folder(tmp_path, monkeypatch, name, kind):
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
         member = tarfile.TarInfo(name)
