@@ -276,14 +276,19 @@ def compare_report(c):
 
 
 def without_flags(argv, flags):
-    """argv without the given value-taking flags and their values (`--flag V` and `--flag=V`)."""
+    """argv without the given value-taking flags and their values: `--flag V`, `--flag=V`, and the abbreviations
+    argparse took for them (else a child bench would compare again)."""
+    def named(arg):
+        name = arg.split("=", 1)[0]
+        return len(name) > 2 and any(flag.startswith(name) for flag in flags)
+
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a in flags:
-            skip = True
-        elif not any(a.startswith(f + "=") for f in flags):
+        elif named(a):
+            skip = "=" not in a
+        else:
             out.append(a)
     return out
 

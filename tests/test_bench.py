@@ -156,6 +156,9 @@ def test_against_alternates_the_two_codes_and_reports_the_ratio_of_their_means(c
     assert len(c["this"]) == len(c["previous"]) == 3 and c["ratio"] == pytest.approx(1.25)
     assert bench.main(["--preset", "smoke", "--against=HEAD", "--rounds", "1"]) == 0
     assert "ratio of the means: 1.250x" in capsys.readouterr().out
+    calls.clear()  # the abbreviations argparse takes are not handed on either (a child would compare again)
+    assert bench.main(["--preset", "smoke", "--agai", "HEAD", "--roun=1", "--iters", "4"]) == 0
+    assert [args for _, args in calls] == [["--preset", "smoke", "--iters", "4"]] * 2
 
 
 @pytest.mark.parametrize("old_python", [False, True])  # tarfile's extraction filters came with Python 3.11.4
