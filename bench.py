@@ -16,7 +16,12 @@ same preset and setting flags as train.py, plus --iters, --warmup and --json.
 
 --against REV benches the project's files at git revision REV beside this tree, each in its own
 process, alternating --rounds times, and reports both and the ratio of their means: a shared machine's
-speed moves from run to run, and alternation lets it move both alike."""
+speed moves from run to run, and alternation lets it move both alike.
+
+    torchrun --standalone --nproc_per_node=4 bench.py --preset auto256   # a node's 4 GPUs together
+
+Under torchrun the processes split the batch as train.py's do, and the figures are theirs together:
+images per second of the global batch, each process's peak timed at the same moment and added up."""
 import deps  # noqa: F401  (first: stops with one line when this Python lacks a package)
 
 # isort: split
@@ -42,7 +47,16 @@ from torch.utils.flop_counter import flop_registry
 import constants
 from dataset import cache_on_device
 from demo_data import ensure_demo_dataset
-from distributed import describe_device, peak_memory_mb, resolve_device, seed_everything, setup_device
+from distributed import (
+    close_distributed,
+    describe_device,
+    peak_memory_mb,
+    reduce_over_processes,
+    resolve_device,
+    seed_everything,
+    setup_device,
+    wait_for_all,
+)
 from ops import WINOGRAD, conv_clock, use_winograd
 from settings import UserError, command, parse_settings, resolve_settings, writable_folder
 from training import autocast, build_run, reg_intervals, train_step
@@ -131,10 +145,11 @@ class FlopCount(TorchDispatchMode):
         return out
 
 
-def iterations(run, cfg, data, count):
-    """Run `count` training iterations on seeded random batches."""
+def iterations(run, cfg, data, count, processes=1):
+    """Run `count` training iterations on seeded random batches; under torchrun each process takes its
+    share of the batch, as in train.py."""
     for _ in range(count):
-        idx = torch.randint(0, len(data.images), (cfg.batch_size,))
+        idx = torch.randint(0, len(data.images), (cfg.batch_size // processes,))
         train_step(run, cfg, data, idx)
         run.step, run.nimg = run.step + 1, run.nimg + cfg.batch_size
 
@@ -144,15 +159,21 @@ def cycle_length(cfg):
     return math.lcm(*[r for r in reg_intervals(cfg).values() if r] or [1])
 
 
-def training_flops(run, cfg, data, device):
+def training_flops(run, cfg, data, device, processes=1):
     """Model FLOPs per image of a training iteration, with the penalties amortised over their cycle. They
     are counted as direct convolutions: Winograd's algorithm multiplies less for the same model."""
     cycle = cycle_length(cfg)
     use_winograd("off", device)
     with FlopCount() as counter:
-        iterations(run, cfg, data, cycle)
+        iterations(run, cfg, data, cycle, processes)
     use_winograd(cfg.winograd, device)
-    return counter.total / (cycle * cfg.batch_size)
+    return counter.total / (cycle * cfg.batch_size // processes)
+
+
+def machine_peak(device):
+    """The conv peak of the processes together: each times its own at the same moment, and they add up."""
+    wait_for_all()
+    return reduce_over_processes(conv_peak_gflops(device), "sum", device)
 
 
 def generation_speed(run, cfg, device):
@@ -169,48 +190,69 @@ def generation_speed(run, cfg, device):
     return GENERATION_BATCH / timed(generate, device, 2 if device.type == "cpu" else 20)
 
 
+def generation_of_all(run, cfg, device):
+    """Generation speed of the processes together, each generating at the same time."""
+    wait_for_all()
+    return reduce_over_processes(generation_speed(run, cfg, device), "sum", device)
+
+
 def bench(cfg, iters, warmup):
-    _, _, device = setup_device(cfg)
+    """Time training and generation; under torchrun, of all the processes together (each rank's figures
+    combined: the slowest one's time for the global batch, the peaks and generation speeds added up)."""
+    try:
+        results = bench_on(cfg, iters, warmup, *setup_device(cfg)[1:])
+        wait_for_all()
+        return results
+    finally:
+        close_distributed()
+
+
+def bench_on(cfg, iters, warmup, processes, device):
     seed_everything(cfg.seed)
-    peak = conv_peak_gflops(device)
+    peak = machine_peak(device)
     data = synthetic_data(cfg, max(4 * cfg.batch_size, 64))
     run = build_run(cfg, data, device)
     cache_on_device(data, cfg, device)
     cycle = cycle_length(cfg)
     iters = max(cycle, iters // cycle * cycle)  # whole cycles, so the penalties are amortised exactly
-    iterations(run, cfg, data, warmup)
+    iterations(run, cfg, data, warmup, processes)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    wait_for_all()
     with conv_clock(device.type == "cpu" and not cfg.compile) as clock:  # CUDA kernels run asynchronously
-        seconds = timed(lambda: iterations(run, cfg, data, iters), device)
-    memory = peak_memory_mb(device)
-    peak = max(peak, conv_peak_gflops(device))  # the fastest seen, before or after: other work only lowers it
+        seconds = timed(lambda: iterations(run, cfg, data, iters, processes), device)
+    conv_share = reduce_over_processes(clock["seconds"] / seconds, "mean", device) or None
+    seconds = reduce_over_processes(seconds, "max", device)
+    memory = reduce_over_processes(peak_memory_mb(device), "max", device)
+    peak = max(peak, machine_peak(device))  # the fastest seen, before or after: other work only lowers it
     img_per_s = iters * cfg.batch_size / seconds
-    flops = training_flops(run, cfg, data, device)
+    flops = training_flops(run, cfg, data, device, processes)
     achieved = img_per_s * flops / 1e9
-    conv_share = clock["seconds"] / seconds or None
     return dict(device=describe_device(device), resolution=cfg.resolution, batch_size=cfg.batch_size,
                 channel_base=cfg.channel_base, channel_max=cfg.channel_max, mapping_layers=cfg.mapping_layers,
-                threads=torch.get_num_threads(), iters=iters, amp=run.amp, compile=cfg.compile,
+                threads=torch.get_num_threads(), processes=processes, iters=iters, amp=run.amp, compile=cfg.compile,
                 winograd=WINOGRAD["enabled"],
                 img_per_s=img_per_s, sec_per_kimg=1000 / img_per_s, peak_mem_mb=memory, gflop_per_img=flops / 1e9,
                 achieved_gflops=achieved, peak_conv_gflops=peak, fraction_of_peak=achieved / peak,
                 conv_time_share=conv_share, conv_bound_of_peak=achieved / peak / conv_share if conv_share else None,
-                gen_img_per_s=generation_speed(run, cfg, device))
+                gen_img_per_s=generation_of_all(run, cfg, device))
 
 
 def report(r):
-    return (f"{r['device']}, {r['resolution']}x{r['resolution']}, batch {r['batch_size']}, channels "
-            f"{r['channel_base']}/{r['channel_max']}, {r['mapping_layers']} mapping layers, {r['iters']} iterations"
+    n = r["processes"]  # under torchrun: the processes' figures together
+    return (f"{r['device']}{f' x {n} processes' if n > 1 else ''}, {r['resolution']}x{r['resolution']}, "
+            f"batch {r['batch_size']}, channels {r['channel_base']}/{r['channel_max']}, "
+            f"{r['mapping_layers']} mapping layers, {r['iters']} iterations"
             f"{', bf16' if r['amp'] else ''}{', compiled' if r['compile'] else ''}"
             f"{', Winograd 3x3' if r['winograd'] else ''}:\n"
             f"  training    {r['img_per_s']:.3f} img/s ({r['sec_per_kimg']:.1f} s/kimg), "
-            f"peak memory {r['peak_mem_mb']:.0f} MB\n"
+            f"peak memory {r['peak_mem_mb']:.0f} MB{' per process' if n > 1 else ''}\n"
             f"  compute     {r['gflop_per_img']:.1f} GFLOP/img -> {r['achieved_gflops']:.1f} GFLOP/s = "
-            f"{100 * r['fraction_of_peak']:.0f}% of one 3x3 conv's {r['peak_conv_gflops']:.1f} GFLOP/s\n"
+            f"{100 * r['fraction_of_peak']:.0f}% of one 3x3 conv's {r['peak_conv_gflops']:.1f} GFLOP/s"
+            f"{f' ({n} processes timing theirs at once, added up)' if n > 1 else ''}\n"
             + (f"  convs       {100 * r['conv_time_share']:.0f}% of the training time: with the rest taking none, "
                f"{100 * r['conv_bound_of_peak']:.0f}% of the peak\n" if r["conv_time_share"] else "") +
-            f"  generation  {r['gen_img_per_s']:.1f} img/s at batch {GENERATION_BATCH}")
+            f"  generation  {r['gen_img_per_s']:.1f} img/s at batch {GENERATION_BATCH}{' in each' if n > 1 else ''}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -396,6 +438,9 @@ def main(argv=None):
     if getattr(opts, "against", None) is not None and (getattr(opts, "check_node", False)
                                                        or getattr(opts, "check_tiny", False)):
         raise UserError("--against benches training; it does not combine with --check-node or --check-tiny")
+    own = [f for f in ("against", "check_node", "check_tiny") if getattr(opts, f, None) not in (None, False)]
+    if own and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"--{own[0].replace('_', '-')} starts processes of its own: run bench.py without torchrun")
     if getattr(opts, "check_node", False) or getattr(opts, "check_tiny", False):
         summary = check_node(given, getattr(opts, "check_tiny", False))
         print(json.dumps(summary) if getattr(opts, "json", False) else node_report(summary))

@@ -24,7 +24,8 @@ def resolve_device(name, flag="--device"):
 def describe_device(device):
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' if threads > 1 else ''})"
 
 
 def peak_memory_mb(device):
@@ -94,6 +95,24 @@ def all_reduce_mean(tensors):
         torch._foreach_copy_(tensors, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]),
                                                                      tensors)])
     return tensors
+
+
+def reduce_over_processes(value, op, device):
+    """A number combined over the processes: their "sum", "max" or "mean"; the number itself in one process."""
+    if not distributed():
+        return value
+    t = torch.tensor(float(value), device=device, dtype=torch.float64)
+    ops = torch.distributed.ReduceOp
+    torch.distributed.all_reduce(t, op=ops.MAX if op == "max" else ops.SUM)
+    return t.item() / (torch.distributed.get_world_size() if op == "mean" else 1)
+
+
+def wait_for_all():
+    """Go on when every process has come here; nothing in one process. Before timing a thing together, and at a
+    run's normal end: waiting lets Gloo's threads drop the last collective's tensors while Python still runs
+    (dropping them during the interpreter's exit can abort the process)."""
+    if distributed():
+        torch.distributed.barrier()
 
 
 def same_on_every_process(tensors):

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import constants
 from dataset import EpochSampler, cache_on_device, load_slices
-from distributed import close_distributed, describe_device, process_rank, seed_everything, setup_device
+from distributed import close_distributed, describe_device, process_rank, seed_everything, setup_device, wait_for_all
 from metrics import load_fid_inception
 from pretrained import init_networks
 from run_folder import (
@@ -119,7 +119,9 @@ def train(cfg, state=None, init=None):
     (resume) or from the networks of `init` (--init-from). Returns the exit status."""
     try:
         rank, world_size, device = setup_device(cfg)
-        return train_on(cfg, state, rank, world_size, device, init)
+        status = train_on(cfg, state, rank, world_size, device, init)
+        wait_for_all()
+        return status
     finally:
         close_distributed()
 

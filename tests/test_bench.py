@@ -95,6 +95,41 @@ def test_bench_counts_model_flops_whichever_convolution_algorithm_runs(capsys, m
     assert results["on"]["gflop_per_img"] == results["off"]["gflop_per_img"]
 
 
+def test_bench_under_torchrun_splits_the_batch_and_adds_up_the_processes(capsys, monkeypatch):
+    """Two processes, the second one's figures 1.5 times the first's: each trains on half the batch, the images
+    per second count the global batch in the slower one's time, the peaks and generation speeds add up."""
+    twin = dict(sum=lambda v: 2.5 * v, max=lambda v: 1.5 * v, mean=lambda v: 1.25 * v)
+    monkeypatch.setattr(bench, "conv_peak_gflops", lambda device: 100.0)
+    monkeypatch.setattr(bench, "generation_speed", lambda run, cfg, device: 50.0)
+    monkeypatch.setattr(bench, "timed", lambda fn, device, *a, **k: fn() or 2.0)  # every timing: 2 s
+    batches = []
+    monkeypatch.setattr(bench, "train_step", lambda run, cfg, data, idx, f=bench.train_step: batches.append(len(idx))
+                        or f(run, cfg, data, idx))
+    args = ["--preset", "smoke", "--batch-size", "8", "--iters", "4", "--warmup", "0", "--json", "--device", "cpu"]
+    results = {}
+    for processes in (1, 2):
+        monkeypatch.setattr(bench, "setup_device", lambda cfg, f=bench.setup_device, n=processes: (0, n, f(cfg)[2]))
+        monkeypatch.setattr(bench, "reduce_over_processes",
+                            lambda value, op, device, n=processes: twin[op](value) if n == 2 else value)
+        assert bench.main(args) == 0
+        results[processes] = json.loads(capsys.readouterr().out)
+        assert set(batches) == {8 // processes}
+        batches.clear()
+    one, two = results[1], results[2]
+    assert two["processes"] == 2 and two["batch_size"] == 8
+    assert one["img_per_s"] == 4 * 8 / 2.0 and two["img_per_s"] == 4 * 8 / 3.0
+    assert two["gflop_per_img"] == pytest.approx(one["gflop_per_img"], rel=1e-3)  # a few FLOPs per batch
+    assert two["peak_conv_gflops"] == 250.0 and one["peak_conv_gflops"] == 100.0
+    assert two["gen_img_per_s"] == 125.0 and one["gen_img_per_s"] == 50.0
+    assert "x 2 processes" in bench.report(two) and "x 2 processes" not in bench.report(one)
+
+
+@pytest.mark.parametrize("flags", [["--against", "HEAD"], ["--check-tiny"], ["--check-node"]])
+def test_bench_under_torchrun_refuses_the_flags_that_start_their_own_processes(capsys, monkeypatch, flags):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert_user_error(capsys, bench.main(flags), f"{flags[0]} starts processes of its own", "without torchrun")
+
+
 def test_bench_bad_iters(capsys):
     assert_user_error(capsys, bench.main(["--preset", "smoke", "--iters", "0"]), "--iters")
 

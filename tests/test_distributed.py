@@ -1,5 +1,6 @@
 """Several processes: torchrun with 2 CPU processes on Gloo, resume across process counts, and the
 collective helpers (which must do nothing in a single process)."""
+import json
 import os
 import socket
 import subprocess
@@ -11,13 +12,20 @@ import torch.multiprocessing as mp
 from conftest import REPO_ROOT, smoke
 
 from checkpoints import load_checkpoint
-from distributed import all_reduce_mean, any_process, distributed, same_on_every_process
+from distributed import (
+    all_reduce_mean,
+    any_process,
+    distributed,
+    reduce_over_processes,
+    same_on_every_process,
+    wait_for_all,
+)
 
 
-def torchrun(*args, nproc=2):
-    """Run `torchrun --standalone --nproc_per_node=nproc train.py args` from the repo root."""
+def torchrun(*args, nproc=2, script="train.py"):
+    """Run `torchrun --standalone --nproc_per_node=nproc script args` from the repo root."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "train.py", *args, "--device", "cpu"]  # Gloo, also where there are GPUs
+           script, *args, "--device", "cpu"]  # Gloo, also where there are GPUs
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -36,7 +44,9 @@ def _collectives(rank, port, results):
         same = torch.full([4], 1.0 + rank)  # differs between the processes
         results[rank] = dict(a=a.tolist(), b=b.flatten().tolist(), stop=any_process(rank == 1, torch.device("cpu")),
                              no_stop=any_process(False, torch.device("cpu")),
-                             agree=same_on_every_process([a, b]), disagree=same_on_every_process([same]))
+                             agree=same_on_every_process([a, b]), disagree=same_on_every_process([same]),
+                             reduced=[reduce_over_processes(rank + 1, op, torch.device("cpu"))
+                                      for op in ("sum", "max", "mean")])
     finally:
         torch.distributed.destroy_process_group()
 
@@ -49,6 +59,7 @@ def test_collectives_across_two_processes():
         assert r["a"] == [1.5] * 3 and r["b"] == [5.0] * 4  # the mean over the processes, in every process
         assert r["stop"] is True and r["no_stop"] is False  # a stop seen by rank 1 stops rank 0 too
         assert r["agree"] is True and r["disagree"] is False
+        assert r["reduced"] == [3.0, 2.0, 1.5]  # 1 and 2 added, the larger, their mean
 
 
 def test_collectives_do_nothing_in_one_process():
@@ -58,6 +69,7 @@ def test_collectives_do_nothing_in_one_process():
     assert t.tolist() == [1.0, 2.0]
     assert any_process(True, torch.device("cpu")) is True and any_process(False, torch.device("cpu")) is False
     assert same_on_every_process([t])
+    assert reduce_over_processes(2.5, "sum", torch.device("cpu")) == 2.5 and wait_for_all() is None
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +112,19 @@ def test_torchrun_batch_must_split_evenly(data, tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("error: --batch-size 7 does not split evenly across 2 processes") == 1  # rank 0
     assert "Traceback (most recent call last):\n  File \"" + str(REPO_ROOT) not in result.stderr
+
+
+def test_torchrun_bench_reports_the_processes_together():
+    result = torchrun("--preset", "smoke", "--iters", "2", "--warmup", "1", "--json", script="bench.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1  # only rank 0 speaks
+    r = json.loads(reports[0])
+    assert r["processes"] == 2 and r["threads"] == 1 and r["batch_size"] == 16  # the global batch, 8 + 8
+    assert r["img_per_s"] > 0 and r["peak_conv_gflops"] > 0 and r["gen_img_per_s"] > 0
+
+
+def test_torchrun_bench_refuses_the_flags_that_start_processes_of_their_own():
+    result = torchrun("--against", "HEAD", script="bench.py")
+    assert result.returncode != 0  # torchrun reports the failed processes with a traceback of its own
+    assert "error: --against starts processes of its own: run bench.py without torchrun" in result.stderr
