@@ -48,13 +48,13 @@ import constants
 from dataset import cache_on_device
 from demo_data import ensure_demo_dataset
 from distributed import (
-    close_distributed,
     describe_device,
+    joined,
+    launched_processes,
     peak_memory_mb,
     reduce_over_processes,
     resolve_device,
     seed_everything,
-    setup_device,
     wait_for_all,
 )
 from ops import WINOGRAD, conv_clock, use_winograd
@@ -170,10 +170,11 @@ def training_flops(run, cfg, data, device, processes=1):
     return counter.total / (cycle * cfg.batch_size // processes)
 
 
-def machine_peak(device):
-    """The conv peak of the processes together: each times its own at the same moment, and they add up."""
+def summed_over_processes(measure, device):
+    """measure() of every process, all measuring at the same moment, added up (a conv peak, a generation
+    speed: the processes' together); the one figure in a single process."""
     wait_for_all()
-    return reduce_over_processes(conv_peak_gflops(device), "sum", device)
+    return reduce_over_processes(measure(), "sum", device)
 
 
 def generation_speed(run, cfg, device):
@@ -190,26 +191,16 @@ def generation_speed(run, cfg, device):
     return GENERATION_BATCH / timed(generate, device, 2 if device.type == "cpu" else 20)
 
 
-def generation_of_all(run, cfg, device):
-    """Generation speed of the processes together, each generating at the same time."""
-    wait_for_all()
-    return reduce_over_processes(generation_speed(run, cfg, device), "sum", device)
-
-
 def bench(cfg, iters, warmup):
     """Time training and generation; under torchrun, of all the processes together (each rank's figures
     combined: the slowest one's time for the global batch, the peaks and generation speeds added up)."""
-    try:
-        results = bench_on(cfg, iters, warmup, *setup_device(cfg)[1:])
-        wait_for_all()
-        return results
-    finally:
-        close_distributed()
+    with joined(cfg) as (_, processes, device):
+        return bench_on(cfg, iters, warmup, processes, device)
 
 
 def bench_on(cfg, iters, warmup, processes, device):
     seed_everything(cfg.seed)
-    peak = machine_peak(device)
+    peak = summed_over_processes(lambda: conv_peak_gflops(device), device)
     data = synthetic_data(cfg, max(4 * cfg.batch_size, 64))
     run = build_run(cfg, data, device)
     cache_on_device(data, cfg, device)
@@ -224,7 +215,8 @@ def bench_on(cfg, iters, warmup, processes, device):
     conv_share = reduce_over_processes(clock["seconds"] / seconds, "mean", device) or None
     seconds = reduce_over_processes(seconds, "max", device)
     memory = reduce_over_processes(peak_memory_mb(device), "max", device)
-    peak = max(peak, machine_peak(device))  # the fastest seen, before or after: other work only lowers it
+    # the fastest peak seen, before or after the iterations: other work only lowers it
+    peak = max(peak, summed_over_processes(lambda: conv_peak_gflops(device), device))
     img_per_s = iters * cfg.batch_size / seconds
     flops = training_flops(run, cfg, data, device, processes)
     achieved = img_per_s * flops / 1e9
@@ -235,7 +227,7 @@ def bench_on(cfg, iters, warmup, processes, device):
                 img_per_s=img_per_s, sec_per_kimg=1000 / img_per_s, peak_mem_mb=memory, gflop_per_img=flops / 1e9,
                 achieved_gflops=achieved, peak_conv_gflops=peak, fraction_of_peak=achieved / peak,
                 conv_time_share=conv_share, conv_bound_of_peak=achieved / peak / conv_share if conv_share else None,
-                gen_img_per_s=generation_of_all(run, cfg, device))
+                gen_img_per_s=summed_over_processes(lambda: generation_speed(run, cfg, device), device))
 
 
 def report(r):
@@ -439,7 +431,7 @@ def main(argv=None):
                                                        or getattr(opts, "check_tiny", False)):
         raise UserError("--against benches training; it does not combine with --check-node or --check-tiny")
     own = [f for f in ("against", "check_node", "check_tiny") if getattr(opts, f, None) not in (None, False)]
-    if own and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if own and launched_processes() > 1:
         raise UserError(f"--{own[0].replace('_', '-')} starts processes of its own: run bench.py without torchrun")
     if getattr(opts, "check_node", False) or getattr(opts, "check_tiny", False):
         summary = check_node(given, getattr(opts, "check_tiny", False))

@@ -1,5 +1,6 @@
 """Devices and processes: the device, seeding, and several processes under torchrun (rank, process
 group, collectives), with helpers that do nothing in a single process."""
+import contextlib
 import os
 import random
 import resource
@@ -57,18 +58,36 @@ def setup_device(cfg):
     return rank, world_size, device
 
 
+@contextlib.contextmanager
+def joined(cfg):
+    """setup_device's (rank, world_size, device) for the block, leaving the process group at its end. At a
+    normal end the processes first wait for one another: Gloo's threads then drop the last collective's tensors
+    while Python still runs (dropping them during the interpreter's exit can abort the process). After an
+    error a process leaves at once, never waiting for one that has gone."""
+    try:
+        yield setup_device(cfg)
+        wait_for_all()
+    finally:
+        close_distributed()
+
+
 # ---------------------------------------------------------------------------------------
 # Several processes (torchrun)
 # ---------------------------------------------------------------------------------------
+def launched_processes():
+    """How many processes torchrun started (WORLD_SIZE; 1 without torchrun), known before joining."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def process_rank():
     """This process's rank under torchrun (0 when there is a single process), known before joining."""
-    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    return int(os.environ.get("RANK", "0")) if launched_processes() > 1 else 0
 
 
 def init_distributed(device):
     """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, Gloo on CPU).
     Returns (rank, world_size, device): each process takes the GPU of its LOCAL_RANK."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_processes()
     if world_size == 1:
         return 0, 1, device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -108,9 +127,7 @@ def reduce_over_processes(value, op, device):
 
 
 def wait_for_all():
-    """Go on when every process has come here; nothing in one process. Before timing a thing together, and at a
-    run's normal end: waiting lets Gloo's threads drop the last collective's tensors while Python still runs
-    (dropping them during the interpreter's exit can abort the process)."""
+    """Go on when every process has come here (to time a thing together, or to leave); nothing in one process."""
     if distributed():
         torch.distributed.barrier()
 

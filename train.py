@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import constants
 from dataset import EpochSampler, cache_on_device, load_slices
-from distributed import close_distributed, describe_device, process_rank, seed_everything, setup_device, wait_for_all
+from distributed import describe_device, joined, process_rank, seed_everything
 from metrics import load_fid_inception
 from pretrained import init_networks
 from run_folder import (
@@ -117,13 +117,8 @@ def check_inception_weights(cfg):
 def train(cfg, state=None, init=None):
     """Train until EPOCHS (or MAX_STEPS) or a stop signal, from scratch, from a checkpoint `state`
     (resume) or from the networks of `init` (--init-from). Returns the exit status."""
-    try:
-        rank, world_size, device = setup_device(cfg)
-        status = train_on(cfg, state, rank, world_size, device, init)
-        wait_for_all()
-        return status
-    finally:
-        close_distributed()
+    with joined(cfg) as (rank, world_size, device):
+        return train_on(cfg, state, rank, world_size, device, init)
 
 
 def train_on(cfg, state, rank, world_size, device, init=None):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import assert_user_error
 
 import bench
+import distributed
 import ops
 from settings import UserError
 
@@ -108,7 +109,8 @@ def test_bench_under_torchrun_splits_the_batch_and_adds_up_the_processes(capsys,
     args = ["--preset", "smoke", "--batch-size", "8", "--iters", "4", "--warmup", "0", "--json", "--device", "cpu"]
     results = {}
     for processes in (1, 2):
-        monkeypatch.setattr(bench, "setup_device", lambda cfg, f=bench.setup_device, n=processes: (0, n, f(cfg)[2]))
+        monkeypatch.setattr(distributed, "setup_device",
+                            lambda cfg, f=distributed.setup_device, n=processes: (0, n, f(cfg)[2]))
         monkeypatch.setattr(bench, "reduce_over_processes",
                             lambda value, op, device, n=processes: twin[op](value) if n == 2 else value)
         assert bench.main(args) == 0
