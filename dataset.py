@@ -60,6 +60,8 @@ def find_images(root, splits=("train",)):
     """Return (files, labels, class_names). `root` may hold split folders (train/test), class
     sub-folders, or images directly (flat: one unnamed class, class_names == [])."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{flag_of('DATA_ROOT')} {root} is a file; give the folder that holds the images")
     if not root.is_dir():
         raise UserError(f"data folder not found: {root} (set {flag_of('DATA_ROOT')} or DATA_ROOT in constants.py, "
                         f"or try the built-in demo data: python train.py --preset demo)")

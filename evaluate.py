@@ -23,7 +23,15 @@ from pathlib import Path
 from checkpoints import CHECKPOINT_KEYS, load_checkpoint, load_discriminator, load_generator
 from dataset import load_slices, to_model_range
 from distributed import resolve_device
-from metrics import MEMO_SIZE, Evaluator, classification_scores, heldout_slices, load_inception, sample_images
+from metrics import (
+    FID_SKIPPED,
+    MEMO_SIZE,
+    Evaluator,
+    classification_scores,
+    heldout_slices,
+    load_inception,
+    sample_images,
+)
 from ops import use_fast_kernels
 from settings import UserError, checkpoint_settings, command, parse_settings, resolve_settings, writable_file
 from utils import save_json, save_text
@@ -141,6 +149,8 @@ def main(argv=None):
     save_text(table, out.with_suffix(".md"))
     print(f"{results['checkpoint']} (step {results['step']}), {results['n']} generated vs {results['n']} real "
           f"images from {results['data_root']}:\n{table}written {out} and {out.with_suffix('.md')}")
+    if "fid" not in results:
+        print(FID_SKIPPED)
     return 0
 
 

@@ -433,14 +433,18 @@ def load_fid_inception(path):
     return model.eval().requires_grad_(False)
 
 
+FID_SKIPPED = f"FID/KID skipped: no Inception weights (download {FID_WEIGHTS_URL} and pass --inception-weights PATH)"
+
+
 def load_inception(path, device):
-    """The FID Inception network from `path`, or None (with a message saying how to get it)."""
+    """The FID Inception network from `path`, or None when no path is given. A path that is not there is an
+    error, not a skip: a mistyped one would drop FID/KID from a whole run, and a resumed run's best.pt
+    would change the metric it is picked by."""
     if not path:
-        print(f"FID/KID skipped: no Inception weights (download {FID_WEIGHTS_URL} and pass --inception-weights PATH)")
         return None
     if not Path(path).is_file():
-        print(f"FID/KID skipped: --inception-weights {path} not found (download it from {FID_WEIGHTS_URL})")
-        return None
+        raise UserError(f"--inception-weights: {path} not found (download it from {FID_WEIGHTS_URL}, or give "
+                        "--inception-weights '' for no FID/KID)")
     return load_fid_inception(path).to(device)
 
 

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from checkpoints import BEST_CHECKPOINT, checkpoint_path, list_checkpoints, prune_checkpoints, save_checkpoint
 from dataset import to_model_range
 from distributed import peak_memory_mb, same_on_every_process
-from metrics import Evaluator, best_metric, heldout_slices, is_new_best, load_inception
+from metrics import FID_SKIPPED, Evaluator, best_metric, heldout_slices, is_new_best, load_inception
 from settings import UserError
 from training import HISTORY_KEYS, checkpoint_state
 from utils import append_jsonl, plot_losses, plot_metrics, save_grid, save_json
@@ -172,6 +172,8 @@ def make_evaluator(cfg, data, device):
     if not cfg.eval_every:
         return None, None
     inception = load_inception(cfg.inception_weights, device)
+    if inception is None:
+        print(FID_SKIPPED)
     metric = best_metric(cfg.eval_metric, inception)
     evaluator = Evaluator(data.images, data.labels, min(cfg.eval_n, len(data)), cfg.seed, inception,
                           heldout=heldout_slices(cfg, data))

@@ -12,14 +12,13 @@ import deps  # noqa: F401  (first: stops with one line when this Python lacks a 
 import contextlib
 import signal
 import sys
-from pathlib import Path
 
 from tqdm import tqdm
 
 import constants
 from dataset import EpochSampler, cache_on_device, load_slices
 from distributed import describe_device, joined, process_rank, seed_everything
-from metrics import load_fid_inception
+from metrics import load_inception
 from pretrained import init_networks
 from run_folder import (
     RunLock,
@@ -97,6 +96,9 @@ def settings(given, opts, out, main_process=True):
     cfg = resolve_settings(given, "", preset, base=state["config"])
     check_kept_on_resume(checkpoint_settings(state), cfg, path, given, preset)
     check_inception_weights(cfg)
+    reached = length_trained(cfg, state)
+    if reached:
+        raise AlreadyTrained(f"nothing to train: {path} has already reached {reached}")
     cfg.preset = preset or state["config"].get("preset")
     if main_process:
         supersede_newer(out, state["step"], state["nimg"])
@@ -104,11 +106,27 @@ def settings(given, opts, out, main_process=True):
     return cfg, state, None
 
 
+class AlreadyTrained(Exception):
+    """--resume of a run whose length (--max-steps, --kimg or --epochs) is already trained."""
+
+
+def length_trained(cfg, state):
+    """The run length a checkpoint has already reached under `cfg`, as the flag that would lengthen it
+    and its value, or None."""
+    if cfg.max_steps and state["step"] >= cfg.max_steps:
+        return f"its --max-steps {cfg.max_steps} (step {state['step']}): give a larger one, or 0 for none, to train on"
+    if cfg.kimg and state["nimg"] >= round(cfg.kimg * 1000):
+        return f"its --kimg {cfg.kimg:g} ({state['nimg']} images): give a larger one to train on"
+    if not cfg.kimg and state["epoch"] >= cfg.epochs:
+        return f"its --epochs {cfg.epochs} (epoch {state['epoch']}): give a larger one to train on"
+    return None
+
+
 def check_inception_weights(cfg):
     """--inception-weights, read once before any work: a file that cannot serve is one line now, not
     after the data are loaded."""
-    if cfg.eval_every and cfg.inception_weights and Path(cfg.inception_weights).is_file():
-        load_fid_inception(cfg.inception_weights)
+    if cfg.eval_every:
+        load_inception(cfg.inception_weights, "cpu")
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,6 +253,10 @@ def main(argv=None):
             with RunLock(out / "Models") if main_process else contextlib.nullcontext():
                 cfg, state, init = settings(given, opts, out, main_process)
                 return train(cfg, state, init)
+    except AlreadyTrained as e:  # a finished run resumed again (a requeued job): nothing to do, not an error
+        if process_rank() == 0:
+            print(e)
+        return 0
     except Diverged as e:
         print(f"error: {e}; stopped without saving (the checkpoints already written were not touched)", file=sys.stderr)
         return 1

@@ -154,11 +154,19 @@ def test_roc_auc_against_pairwise_counting():
     assert metrics.roc_auc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
 
 
-def test_no_inception_weights_is_skipped_with_instructions(capsys, tmp_path):
+def test_no_inception_weights_skip_fid_and_a_path_that_is_not_there_is_an_error(capsys, tmp_path, data):
+    """No path: FID/KID are skipped, and training says so with the download address. A mistyped path is a
+    one-line error before the data are read, not a run that quietly lacks FID/KID."""
     assert metrics.load_inception("", torch.device("cpu")) is None
-    assert metrics.load_inception(str(tmp_path / "missing.pth"), torch.device("cpu")) is None
+    with pytest.raises(settings.UserError, match=r"--inception-weights: .*missing\.pth not found \(download it"):
+        metrics.load_inception(str(tmp_path / "missing.pth"), torch.device("cpu"))
+    import train
+    code = train.main(smoke(data, tmp_path / "run", "--inception-weights", str(tmp_path / "missing.pth")))
+    assert_user_error(capsys, code, "--inception-weights", "missing.pth not found")
+    assert not (tmp_path / "run" / "stats.jsonl").exists()
+    assert train.main(smoke(data, tmp_path / "run", "--max-steps", "1")) == 0
     out = capsys.readouterr().out
-    assert out.count("FID/KID skipped") == 2 and metrics.FID_WEIGHTS_URL in out and "missing.pth" in out
+    assert out.count("FID/KID skipped") == 1 and metrics.FID_WEIGHTS_URL in out
 
 
 def test_wrong_inception_file_is_a_one_line_error(tmp_path):

@@ -107,6 +107,10 @@ def test_missing_data_root(capsys, tmp_path):
     missing = tmp_path / "no_data"
     code = train.main(SMOKE + ["--data-root", str(missing), "--out-dir", str(tmp_path / "out")])
     assert_user_error(capsys, code, str(missing), "--data-root", "--preset demo")
+    a_file = tmp_path / "slices.png"  # an image, or any file, where the folder should be
+    a_file.write_bytes(b"x")
+    code = train.main(SMOKE + ["--data-root", str(a_file), "--out-dir", str(tmp_path / "out")])
+    assert_user_error(capsys, code, f"--data-root {a_file} is a file; give the folder")
 
 
 def test_default_data_root_missing_points_to_the_demo(capsys, tmp_path, monkeypatch):
@@ -173,6 +177,29 @@ def test_resume_is_exact(data, tmp_path):
             assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs after resume"
     assert torch.equal(a["history"]["loss_critic"], b["history"]["loss_critic"])
     assert torch.equal(a["pl_mean"], b["pl_mean"])
+
+
+def test_resuming_a_run_that_reached_its_length_says_which_flag_and_touches_nothing(data, tmp_path, capsys):
+    """A finished run resumed again (a requeued job, or --resume after a short --max-steps test) exits 0
+    with one line naming the flag to raise, and writes nothing; raising it trains on."""
+    assert train.main(smoke(data, tmp_path, "--max-steps", "2")) == 0
+    def files():  # the run's lock comes and goes with every start
+        return {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != "train.lock"}
+    before = files()
+    capsys.readouterr()
+    assert train.main(["--resume", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("nothing to train: ") and "--max-steps 2 (step 2)" in out[0]
+    assert files() == before
+    assert train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "3"]) == 0
+    assert checkpoints.load_checkpoint(tmp_path / "Models")[0]["step"] == 3
+    assert train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "0", "--epochs", "1"]) == 0
+    assert checkpoints.load_checkpoint(tmp_path / "Models")[0]["step"] == 6  # one epoch of 48 slices
+    capsys.readouterr()
+    assert train.main(["--resume", "--out-dir", str(tmp_path)]) == 0
+    assert "its --epochs 1 (epoch 1): give a larger one" in capsys.readouterr().out
+    assert train.main(["--resume", "--out-dir", str(tmp_path), "--kimg", "0.04"]) == 0
+    assert "its --kimg 0.04 (48 images)" in capsys.readouterr().out
 
 
 def test_checkpoint_of_an_older_version_resumes_with_defaults_for_newer_settings(data, tmp_path):
