@@ -3,8 +3,11 @@ started with a Python that lacks them stops with one line naming what is missing
 that installs it, instead of an ImportError traceback.
 
 Each script imports this module first; the check runs on import and does nothing when all is
-there. It reads requirements.txt, so the list cannot drift from what the install step installs."""
+there. It reads requirements.txt, so the list cannot drift from what the install step installs.
+While a script then imports its packages (torch takes seconds), Ctrl-C ends it with one line rather
+than an import traceback; the script's main() hands Ctrl-C back to Python (settings.command)."""
 import importlib.util
+import signal
 import sys
 from pathlib import Path
 
@@ -56,6 +59,17 @@ def problem(script, version=sys.version_info, missing=None):
     return None
 
 
+def interrupted_while_starting(signum, frame):
+    """SIGINT's handler from this module's import until the script's main() starts."""
+    print("\ninterrupted while starting; nothing written", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+def started_as_script(argv=sys.argv, repo=REPO):
+    """Whether this process runs one of the project's scripts (not a test run or another program importing them)."""
+    return bool(argv and argv[0]) and Path(argv[0]).resolve().parent == repo and argv[0].endswith(".py")
+
+
 def check():
     """Exit with status 2 and one line on stderr when this Python cannot run the scripts."""
     message = problem(Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "this script")
@@ -65,3 +79,5 @@ def check():
 
 
 check()
+if started_as_script():
+    signal.signal(signal.SIGINT, interrupted_while_starting)

@@ -7,12 +7,14 @@ import functools
 import io
 import math
 import os
+import signal
 import sys
 import tokenize
 from pathlib import Path
 from types import SimpleNamespace
 
 import constants
+import deps
 
 INT64_MAX = 2**63 - 1  # the largest integer a setting may hold (torch and NumPy take int64)
 SCRIPT_PREFIXES = ("GEN_", "EVALUATE_", "CONVERT_", "EXPLORE_")  # generate_images, evaluate, convert, explore
@@ -32,6 +34,8 @@ def command(main):
     a failed write (disk full, no permission) one line and 1."""
     @functools.wraps(main)
     def run(argv=None):
+        if signal.getsignal(signal.SIGINT) is deps.interrupted_while_starting:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt again
         try:
             return main(argv)
         except UserError as e:

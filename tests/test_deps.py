@@ -48,3 +48,27 @@ def test_a_python_without_the_packages_gets_one_line(script):
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith(f"error: {script} needs torch, ")
     assert lines[0].endswith(deps.install_hint())
+
+
+def test_ctrl_c_while_a_script_imports_its_packages_is_one_line():
+    """The SIGINT is sent once deps.py is imported, as when Ctrl-C lands while torch loads."""
+    code = ("import sys; sys.argv = sys.argv[1:]; import os, signal, deps; os.kill(os.getpid(), signal.SIGINT); "
+            "import torch")
+    result = subprocess.run([sys.executable, "-c", code, str(REPO / "train.py")], cwd=REPO, capture_output=True,
+                            text=True)
+    assert result.returncode == 130 and result.stderr.strip() == "interrupted while starting; nothing written"
+
+
+def test_only_the_scripts_take_ctrl_c_over_and_their_main_hands_it_back():
+    assert deps.started_as_script([str(REPO / "train.py")]) and deps.started_as_script(["bench.py"], Path.cwd())
+    assert not deps.started_as_script([str(REPO / ".venv" / "bin" / "pytest")])
+    assert not deps.started_as_script([""]) and not deps.started_as_script([])
+    import signal
+
+    import settings
+    seen = settings.command(lambda argv: signal.getsignal(signal.SIGINT))
+    before = signal.signal(signal.SIGINT, deps.interrupted_while_starting)
+    try:
+        assert seen() is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
