@@ -97,7 +97,7 @@ def settings(given, opts, out, main_process=True):
     check_kept_on_resume(checkpoint_settings(state), cfg, path, given, preset)
     check_inception_weights(cfg)
     reached = length_trained(cfg, state)
-    if reached:
+    if reached and wrapped_up(cfg, state, out):
         raise AlreadyTrained(f"nothing to train: {path} has already reached {reached}")
     cfg.preset = preset or state["config"].get("preset")
     if main_process:
@@ -120,6 +120,14 @@ def length_trained(cfg, state):
     if not cfg.kimg and state["epoch"] >= cfg.epochs:
         return f"its --epochs {cfg.epochs} (epoch {state['epoch']}): give a larger one to train on"
     return None
+
+
+def wrapped_up(cfg, state, out):
+    """Whether a run's end is on disk: its last grid and, with evaluations, its last evaluation. A run
+    stopped by a signal in its last iteration has them still to do, and resuming it does them."""
+    grid = out / "saved_examples" / f"{cfg.resolution}x{cfg.resolution}" / f"step_{state['step']:08d}.png"
+    metrics = state.get("metrics") or []
+    return grid.is_file() and (not cfg.eval_every or bool(metrics) and metrics[-1]["step"] == state["step"])
 
 
 def check_inception_weights(cfg):

@@ -191,6 +191,10 @@ def test_resuming_a_run_that_reached_its_length_says_which_flag_and_touches_noth
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("nothing to train: ") and "--max-steps 2 (step 2)" in out[0]
     assert files() == before
+    last_grid = tmp_path / "saved_examples" / "32x32" / "step_00000002.png"
+    last_grid.unlink()  # as if a stop signal had come in the last iteration: the run's end is still to do
+    assert train.main(["--resume", "--out-dir", str(tmp_path)]) == 0
+    assert "done: 2 iterations" in capsys.readouterr().out and last_grid.is_file()
     assert train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "3"]) == 0
     assert checkpoints.load_checkpoint(tmp_path / "Models")[0]["step"] == 3
     assert train.main(["--resume", "--out-dir", str(tmp_path), "--max-steps", "0", "--epochs", "1"]) == 0
@@ -200,6 +204,18 @@ def test_resuming_a_run_that_reached_its_length_says_which_flag_and_touches_noth
     assert "its --epochs 1 (epoch 1): give a larger one" in capsys.readouterr().out
     assert train.main(["--resume", "--out-dir", str(tmp_path), "--kimg", "0.04"]) == 0
     assert "its --kimg 0.04 (48 images)" in capsys.readouterr().out
+
+
+def test_a_run_is_wrapped_up_when_its_last_grid_and_evaluation_are_there(tmp_path):
+    cfg = SimpleNamespace(resolution=32, eval_every=1)
+    grid = tmp_path / "saved_examples" / "32x32" / "step_00000002.png"
+    assert not train.wrapped_up(cfg, dict(step=2, metrics=[dict(step=2)]), tmp_path)
+    grid.parent.mkdir(parents=True)
+    grid.touch()
+    assert train.wrapped_up(cfg, dict(step=2, metrics=[dict(step=1), dict(step=2)]), tmp_path)
+    assert not train.wrapped_up(cfg, dict(step=2, metrics=[dict(step=1)]), tmp_path)
+    assert not train.wrapped_up(cfg, dict(step=2, metrics=[]), tmp_path)
+    assert train.wrapped_up(SimpleNamespace(resolution=32, eval_every=0), dict(step=2, metrics=[]), tmp_path)
 
 
 def test_checkpoint_of_an_older_version_resumes_with_defaults_for_newer_settings(data, tmp_path):
