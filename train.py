@@ -96,7 +96,7 @@ def settings(given, opts, out, main_process=True):
     cfg = resolve_settings(given, "", preset, base=state["config"])
     check_kept_on_resume(checkpoint_settings(state), cfg, path, given, preset)
     check_inception_weights(cfg)
-    reached = length_trained(cfg, state)
+    reached = length_trained(cfg, state["step"], state["nimg"], state["epoch"])
     if reached and wrapped_up(cfg, state, out):
         raise AlreadyTrained(f"nothing to train: {path} has already reached {reached}")
     cfg.preset = preset or state["config"].get("preset")
@@ -110,15 +110,15 @@ class AlreadyTrained(Exception):
     """--resume of a run whose length (--max-steps, --kimg or --epochs) is already trained."""
 
 
-def length_trained(cfg, state):
-    """The run length a checkpoint has already reached under `cfg`, as the flag that would lengthen it
-    and its value, or None."""
-    if cfg.max_steps and state["step"] >= cfg.max_steps:
-        return f"its --max-steps {cfg.max_steps} (step {state['step']}): give a larger one, or 0 for none, to train on"
-    if cfg.kimg and state["nimg"] >= round(cfg.kimg * 1000):
-        return f"its --kimg {cfg.kimg:g} ({state['nimg']} images): give a larger one to train on"
-    if not cfg.kimg and state["epoch"] >= cfg.epochs:
-        return f"its --epochs {cfg.epochs} (epoch {state['epoch']}): give a larger one to train on"
+def length_trained(cfg, step, nimg, epoch):
+    """The run length (MAX_STEPS, KIMG, or EPOCHS when KIMG is 0) reached at this point, as the flag that
+    would lengthen it and its value, or None."""
+    if cfg.max_steps and step >= cfg.max_steps:
+        return f"its --max-steps {cfg.max_steps} (step {step}): give a larger one, or 0 for none, to train on"
+    if cfg.kimg and nimg >= round(cfg.kimg * 1000):
+        return f"its --kimg {cfg.kimg:g} ({nimg} images): give a larger one to train on"
+    if not cfg.kimg and epoch >= cfg.epochs:
+        return f"its --epochs {cfg.epochs} (epoch {epoch}): give a larger one to train on"
     return None
 
 
@@ -187,9 +187,8 @@ def train_on(cfg, state, rank, world_size, device, init=None):
 
 
 def length_reached(run, cfg):
-    """KIMG (when set) or MAX_STEPS reached; EPOCHS is the loop's own condition."""
-    return (bool(cfg.kimg) and run.nimg >= round(cfg.kimg * 1000)) or (bool(cfg.max_steps)
-                                                                       and run.step >= cfg.max_steps)
+    """The run's length reached (the epoch count moves on after an epoch's last iteration)."""
+    return length_trained(cfg, run.step, run.nimg, run.epoch) is not None
 
 
 def train_loop(run, cfg, data, sampler, outputs):
