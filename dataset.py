@@ -9,8 +9,9 @@ Random flips and the conversion to [-1, 1] happen on the training device, per ba
 The built-in demo data set is built by demo_data.py on first use."""
 import os
 import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,13 @@ def _scan(top):
 def load_image(path, resolution, mode="L", resize_mode="pad"):
     """Decode one image to a (C, R, R) uint8 array: grayscale (or RGB), square, resized. Images smaller
     than MIN_IMAGE_SIDE on a side, and float images without a finite pixel, are refused."""
+    return load_image_and_kind(path, resolution, mode, resize_mode)[0]
+
+
+def load_image_and_kind(path, resolution, mode="L", resize_mode="pad"):
+    """load_image's array and the file's ((width, height), mode) as stored."""
     with Image.open(path) as img:
+        kind = img.size, img.mode
         img.load()
         if min(img.size) < MIN_IMAGE_SIDE:
             raise ValueError(f"{img.width}x{img.height} pixels, smaller than the smallest slice read "
@@ -119,7 +126,7 @@ def load_image(path, resolution, mode="L", resize_mode="pad"):
             arr = (np.where(finite, arr, lo) - lo) / max(hi - lo, 1e-12) * 255
             img = Image.fromarray(arr.round().astype(np.uint8))
         img = img.convert(mode)
-    return fit_image(img, resolution, resize_mode)
+    return fit_image(img, resolution, resize_mode), kind
 
 
 def fit_image(img, resolution, resize_mode="pad"):
@@ -214,6 +221,7 @@ class SliceDataset:
     class_names: list
     skipped: int = 0
     volumes: int = 0  # NIfTI volumes the slices came from (0 for a folder of 2D images)
+    kinds: Counter = field(default_factory=Counter)  # the 2D files' (size, mode) as stored, before the transforms
 
     def __len__(self):
         return len(self.images)
@@ -228,7 +236,15 @@ class SliceDataset:
         skipped = f"; skipped {self.skipped} unreadable" if self.skipped else ""
         volumes = f" ({self.volumes} NIfTI volumes)" if self.volumes else ""
         return (f"{len(self)} images{volumes}, {classes}, "
-                f"{self.images.shape[-1]}x{self.images.shape[-1]}{skipped}")
+                f"{self.images.shape[-1]}x{self.images.shape[-1]}{skipped}{self.mixed_kinds()}")
+
+    def mixed_kinds(self):
+        """'; stored as 256x240 L (2397), 512x300 RGB (1)' when the files differ in size or mode (a stray
+        file in a folder of slices is easy to miss once padded and resized), else ''."""
+        if len(self.kinds) < 2:
+            return ""
+        kinds = sorted(self.kinds.items(), key=lambda kind: (-kind[1], kind[0]))  # the most common first
+        return "; stored as " + ", ".join(f"{w}x{h} {mode} ({n})" for ((w, h), mode), n in kinds)
 
 
 def load_dataset(root, splits, resolution, mode="L", resize_mode="pad", skip_bad=False, threads=2, progress=True,
@@ -241,13 +257,16 @@ def load_dataset(root, splits, resolution, mode="L", resize_mode="pad", skip_bad
     if any(is_volume_name(f) for f in files):
         _nibabel()  # missing nibabel is a setup problem, not a corrupt file
 
+    kinds = {}  # each decoded 2D file's stored size and mode
+
     def decode(path):
         if path.is_symlink() and not path.exists():
             return f"a link to a missing file, {os.readlink(path)}"
         try:
             if is_volume_name(path):
                 return load_volume(path, resolution, mode, resize_mode, slice_range)
-            return load_image(path, resolution, mode, resize_mode)[None]
+            image, kinds[path] = load_image_and_kind(path, resolution, mode, resize_mode)
+            return image[None]
         except Exception as e:  # noqa: BLE001 - PIL and nibabel raise many types for bad files
             return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
 
@@ -273,7 +292,7 @@ def load_dataset(root, splits, resolution, mode="L", resize_mode="pad", skip_bad
     slice_labels = torch.tensor(np.repeat([labels[i] for i in keep], [len(results[i]) for i in keep]),
                                 dtype=torch.long)
     volumes = sum(is_volume_name(files[i]) for i in keep)
-    return SliceDataset(images, slice_labels, class_names, len(bad), volumes)
+    return SliceDataset(images, slice_labels, class_names, len(bad), volumes, Counter(kinds.values()))
 
 
 def load_slices(cfg, splits=None):

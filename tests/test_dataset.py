@@ -399,3 +399,14 @@ def test_files_no_slice_can_come_from_are_named_or_counted(tmp_path, name):
     assert str(tmp_path / "NC" / name) in str(e.value) and reasons[name] in str(e.value)
     data = dataset.load_dataset(tmp_path, ("train",), 32, skip_bad=True, progress=False)
     assert data.skipped == 1 and len(data) == 5
+
+
+def test_the_data_line_names_files_of_another_size_or_mode(tmp_path):
+    """Padding and resizing hide a stray file among the slices; the summary says how they were stored."""
+    write_images(tmp_path / "AD", 3, size=(40, 32))
+    write_images(tmp_path / "NC", 2, size=(40, 32))
+    assert "stored as" not in dataset.load_dataset(tmp_path, ("train",), 32, progress=False).summary()
+    write_images(tmp_path / "NC", 1, size=(64, 48), prefix="big")
+    write_images(tmp_path / "NC", 1, size=(40, 32), mode="RGB", prefix="colour")
+    data = dataset.load_dataset(tmp_path, ("train",), 32, progress=False)
+    assert len(data) == 7 and data.summary().endswith("; stored as 40x32 L (5), 40x32 RGB (1), 64x48 L (1)")
