@@ -14,14 +14,14 @@ import training
 
 
 def test_sigterm_while_loading_data_exits_143_and_writes_nothing(data, tmp_path, monkeypatch, capsys):
-    real = dataset.load_image
+    real = dataset.load_image_and_kind
 
     def load_then_terminate(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dataset, "load_image", load_then_terminate)
+    monkeypatch.setattr(dataset, "load_image_and_kind", load_then_terminate)
     code = train.main(smoke(data, tmp_path, *QUICK))
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "loading images" not in line]
     assert code == 128 + signal.SIGTERM
