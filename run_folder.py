@@ -77,10 +77,20 @@ def run_files(out):
     return list_checkpoints(models) + [p for p in others if p.is_file()] + best + logs
 
 
+def samples_folder(out, resolution):
+    """OUT_DIR/saved_examples/<R>x<R>: a run's sample grids, plots and metrics at that resolution."""
+    return Path(out) / "saved_examples" / f"{resolution}x{resolution}"
+
+
+def last_grid_name(step):
+    """The sample grid a run draws when it has trained its length (step_NNNNNNNN.png)."""
+    return f"step_{step:08d}.png"
+
+
 def remove_run(out, cfg):
     """--overwrite: delete the earlier run's checkpoints (superseded ones too), its logs, and the
     sample grids, plots and metrics train.py wrote at this resolution."""
-    models, samples = out / "Models", out / "saved_examples" / f"{cfg.resolution}x{cfg.resolution}"
+    models, samples = out / "Models", samples_folder(out, cfg.resolution)
     doomed = run_files(out) + [p for pattern in RUN_OUTPUTS for p in samples.glob(pattern)]
     for p in doomed:
         p.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ from checkpoints import BEST_CHECKPOINT, checkpoint_path, list_checkpoints, prun
 from dataset import to_model_range
 from distributed import peak_memory_mb, same_on_every_process
 from metrics import FID_SKIPPED, Evaluator, best_metric, heldout_slices, is_new_best, load_inception
+from run_folder import samples_folder
 from settings import UserError
 from training import HISTORY_KEYS, checkpoint_state
 from utils import append_jsonl, plot_losses, plot_metrics, save_grid, save_json
@@ -24,7 +25,7 @@ class RunOutputs:
 
     def __init__(self, run, cfg, state, main_process, evaluation=None):
         out = Path(cfg.out_dir)
-        self.models, self.samples = out / "Models", out / "saved_examples" / f"{cfg.resolution}x{cfg.resolution}"
+        self.models, self.samples = out / "Models", samples_folder(out, cfg.resolution)
         self.run, self.cfg, self.main_process = run, cfg, main_process
         self.evaluator, self.metric = evaluation or (None, None)
         self.latents = fixed_latents(cfg, run.model_args["G"]["num_classes"], run.device)

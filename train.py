@@ -24,9 +24,11 @@ from run_folder import (
     RunLock,
     clear_for_fresh_run,
     earlier_run,
+    last_grid_name,
     out_dir,
     remove_temporary,
     resume_checkpoint,
+    samples_folder,
     supersede_newer,
 )
 from run_outputs import RunOutputs, make_evaluator, open_tensorboard, save_reals
@@ -125,7 +127,7 @@ def length_trained(cfg, step, nimg, epoch):
 def wrapped_up(cfg, state, out):
     """Whether a run's end is on disk: its last grid and, with evaluations, its last evaluation. A run
     stopped by a signal in its last iteration has them still to do, and resuming it does them."""
-    grid = out / "saved_examples" / f"{cfg.resolution}x{cfg.resolution}" / f"step_{state['step']:08d}.png"
+    grid = samples_folder(out, cfg.resolution) / last_grid_name(state["step"])
     metrics = state.get("metrics") or []
     return grid.is_file() and (not cfg.eval_every or bool(metrics) and metrics[-1]["step"] == state["step"])
 
@@ -202,7 +204,7 @@ def train_loop(run, cfg, data, sampler, outputs):
                 run.epoch, run.epoch_step = run.epoch + 1, 0
                 outputs.after_epoch(stop)
         if stop.signum is None:
-            outputs.grid(f"step_{run.step:08d}.png")
+            outputs.grid(last_grid_name(run.step))
             if cfg.eval_every:
                 outputs.evaluate(stop)  # a finished run's last state is always evaluated
         outputs.tick()
