@@ -99,7 +99,7 @@ PROGRESSIVE_HOLD_KIMG = 0.0  # progressive: thousands of images at PROGRESSIVE_S
 
 # --- speed and several processes (torchrun --nproc_per_node=N train.py ...) ------------
 AMP = True  # CUDA: bf16 autocast of the G and D forward passes (penalties stay float32); no effect on CPU
-COMPILE = False  # torch.compile the synthesis network and D (falls back to eager, with a warning, where it cannot)
+COMPILE = False  # torch.compile the synthesis network, and D off the CPU (eager, with a warning, where it cannot)
 WINOGRAD = "auto"  # stride-1 3x3 convolutions by Winograd's F(2x2, 3x3): auto (on for CPU, faster there) | on | off
 CACHE_ON_DEVICE = True  # CUDA: keep the uint8 image cache in GPU memory if under a quarter of it (else pinned memory)
 

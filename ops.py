@@ -163,6 +163,11 @@ def conv2d_bias_lrelu(x, weight, bias, stride=1, padding=0, slope=0.2):
 EPILOGUE = dict(enabled=False)  # set by use_fast_kernels: on for the CPU where oneDNN's fused kernel works
 
 
+def fused_epilogue(device):
+    """Whether D's layers on `device` run oneDNN's convolution with the bias and activation in its epilogue."""
+    return EPILOGUE["enabled"] and LAYOUT["channels_last"] and device.type == "cpu"
+
+
 def _epilogue_fits(x, weight, spec):
     return (EPILOGUE["enabled"] and LAYOUT["channels_last"] and x.device.type == "cpu"
             and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")

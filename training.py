@@ -17,6 +17,7 @@ from dataset import to_model_range
 from distributed import all_reduce_mean
 from losses import Objective, mode_seeking_penalty, path_length_penalty
 from modules import Discriminator, DiscriminatorBlock, Generator, at_growth_level, growth_level
+from ops import fused_epilogue
 from settings import UserError, model_args_of
 
 HISTORY_KEYS = ("loss_gen", "loss_critic", "gp", "r1", "pl_penalty", "mode_seeking", "real_score", "fake_score",
@@ -89,7 +90,8 @@ def build_run(cfg, data, device):
     betas = {net: tuple(b ** lazy_ratio(intervals[net]) for b in cfg.adam_betas) for net in "GD"}
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.g_lr, betas=betas["G"], fused=True)
     opt_D = torch.optim.Adam([p for p in D.parameters() if p.requires_grad], lr=cfg.d_lr, betas=betas["D"], fused=True)
-    synthesis, D_main = compiled([G.synthesis, D], device) if cfg.compile else (G.synthesis, D)
+    eager = [D] if fused_epilogue(device) else []  # on the CPU D's fused kernels beat its compiled form (docs/speed.md)
+    synthesis, D_main = compiled([G.synthesis, D], device, eager) if cfg.compile else (G.synthesis, D)
     return TrainingRun(G=G, D=D, G_ema=G_ema, opt_G=opt_G, opt_D=opt_D, model_args=model_args,
                        objective=Objective.from_settings(cfg), synthesis=synthesis,
                        D_main=D_main, amp=cfg.amp and device.type == "cuda", intervals=intervals,
@@ -184,9 +186,9 @@ def load_d_weights(D, state):
     D.load_state_dict({**lower, **{k: v for k, v in state.items() if not k.startswith("from_img_low.") or k in own}})
 
 
-def compiled(modules, device):
-    """torch.compile each module (sharing its parameters), or return them as they are, with a warning,
-    where torch.compile does not work. The double-backward penalties always run the eager modules."""
+def compiled(modules, device, eager=()):
+    """torch.compile each module but those in `eager` (sharing their parameters), or return them as they are, with
+    a warning, where torch.compile does not work. The double-backward penalties always run the eager modules."""
     try:
         torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
     except Exception as e:  # no C compiler, no Triton, an unsupported platform, ...
@@ -195,7 +197,7 @@ def compiled(modules, device):
               "training runs eagerly", file=sys.stderr)
         return modules
     torch._dynamo.config.suppress_errors = True  # a graph that fails to compile later runs eagerly
-    return [torch.compile(m) for m in modules]
+    return [m if any(m is e for e in eager) else torch.compile(m) for m in modules]
 
 
 def set_learning_rates(run, cfg):

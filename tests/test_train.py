@@ -268,6 +268,21 @@ def test_compile_falls_back_to_eager_with_one_warning(data, tmp_path, monkeypatc
     assert state["step"] == 2 and state["config"]["compile"] is True
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_compile_keeps_d_eager_where_its_fused_cpu_kernels_run(data, tmp_path, monkeypatch, fused):
+    """On the CPU D's layers run oneDNN's convolution with the bias and activation fused, which a compiled D loses:
+    there --compile compiles G's synthesis network only; where the fused kernel does not run, D as well."""
+    modules = []
+
+    def recording_compile(fn, *args, **kwargs):
+        modules.extend([type(fn).__name__] if isinstance(fn, torch.nn.Module) else [])
+        return fn
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    monkeypatch.setattr(ops, "epilogue_kernel_works", lambda: fused)
+    assert train.main(smoke(data, tmp_path, "--max-steps", "1", "--compile", "--eval-every", "0")) == 0
+    assert modules == (["SynthesisNetwork"] if fused else ["SynthesisNetwork", "Discriminator"])
+
+
 @pytest.mark.determinism
 def test_winograd_training_follows_the_direct_convolution(data, tmp_path, monkeypatch):
     """The smoke model's layers are under Winograd's thresholds; lowered, every stride-1 3x3 convolution of
