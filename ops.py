@@ -169,9 +169,9 @@ def fused_epilogue(device):
 
 
 def _epilogue_fits(x, weight, spec):
-    return (EPILOGUE["enabled"] and LAYOUT["channels_last"] and x.device.type == "cpu"
-            and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and not _winograd_fits(x, weight, spec))
+    return (fused_epilogue(x.device) and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not _winograd_fits(x, weight, spec))
 
 
 def epilogue_kernel_works():
