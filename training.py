@@ -197,7 +197,7 @@ def compiled(modules, device, eager=()):
               "training runs eagerly", file=sys.stderr)
         return modules
     torch._dynamo.config.suppress_errors = True  # a graph that fails to compile later runs eagerly
-    return [m if any(m is e for e in eager) else torch.compile(m) for m in modules]
+    return [m if m in eager else torch.compile(m) for m in modules]
 
 
 def set_learning_rates(run, cfg):
