@@ -12,6 +12,12 @@ the share of the step spent in convolution kernels, and the fraction the step wo
 else took time (its FLOP/s over the convolutions' time alone). Takes the
 same preset and setting flags as train.py, plus --iters, --warmup and --json.
 
+    python bench.py --preset demo256 --op-times 20      # where a step's time goes
+
+--op-times N then runs --iters more iterations with every operation timed on its own (its kernel's time,
+without what runs between operations) and lists the N slowest: by operation, and by operation and the shapes
+of its inputs, each with its share and, for convolutions and matrix products, its GFLOP/s.
+
     python bench.py --preset demo256 --against HEAD~3   # this tree against an earlier revision
 
 --against REV benches the project's files at git revision REV beside this tree, each in its own
@@ -72,6 +78,9 @@ EXTRA_FLAGS = [
     (("--iters",), dict(type=int, metavar="N", help=f"timed training iterations (default: {ITERS})")),
     (("--warmup",), dict(type=int, metavar="N", help=f"untimed iterations first (default: {WARMUP})")),
     (("--json",), dict(action="store_true", help="print the results as one JSON object on stdout")),
+    (("--op-times",), dict(type=int, metavar="N", help="also time every operation of --iters more iterations on "
+                                                       "its own and list the N slowest, by operation and by input "
+                                                       "shapes, with their GFLOP/s (one process, not compiled)")),
     (("--against",), dict(metavar="REV", help="also bench this project at git revision REV, each in its own "
                                               "process, the two alternating; reports both and their ratio")),
     (("--rounds",), dict(type=int, metavar="N", help=f"--against: alternations of the two (default: {ROUNDS})")),
@@ -124,9 +133,20 @@ def conv_peak_gflops(device):
     return flops / timed(conv, device, 5 if device.type == "cpu" else 50, best=True) / 1e9
 
 
+def op_flops(func, args, kwargs, out):
+    """FLOPs of one dispatched operation by the formulas of torch.utils.flop_counter (matrix products and
+    convolutions, forward and backward); 0 for the rest."""
+    if func._overloadpacket is torch.ops.mkldnn._convolution_pointwise:  # a convolution, its bias and activation
+        x, weight, bias, padding, stride, dilation, groups = args[:7]
+        func, kwargs = torch.ops.aten.convolution.default, {}
+        args = (x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+    formula = flop_registry.get(func._overloadpacket)
+    return formula(*args, **kwargs, out_val=out) if formula is not None else 0
+
+
 class FlopCount(TorchDispatchMode):
-    """Counts the FLOPs of matrix products and convolutions (forward and backward) with the formulas of
-    torch.utils.flop_counter; without its per-module tracking, which fails inside torch.no_grad."""
+    """Counts the FLOPs of every operation run inside it (op_flops); without flop_counter's per-module
+    tracking, which fails inside torch.no_grad."""
 
     def __init__(self):
         super().__init__()
@@ -135,14 +155,40 @@ class FlopCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func._overloadpacket is torch.ops.mkldnn._convolution_pointwise:  # a convolution, its bias and activation
-            x, weight, bias, padding, stride, dilation, groups = args[:7]
-            func, kwargs = torch.ops.aten.convolution.default, {}
-            args = (x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.total += formula(*args, **kwargs, out_val=out)
+        self.total += op_flops(func, args, kwargs, out)
         return out
+
+
+class OpTimes(TorchDispatchMode):
+    """Times every operation run inside it, on its own, by operation and the shapes of its first two
+    tensor arguments (--op-times): rows[(name, shapes)] = [seconds, calls, FLOPs]."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device, self.rows = device, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        synchronize(self.device)
+        start = time.perf_counter()
+        out = func(*args, **kwargs)
+        synchronize(self.device)
+        seconds = time.perf_counter() - start
+        shapes = tuple(tuple(a.shape) for a in args[:2] if isinstance(a, torch.Tensor))
+        name = str(func._overloadpacket).removeprefix("aten.")
+        row = self.rows.setdefault((name, shapes), [0.0, 0, 0])
+        row[0], row[1], row[2] = row[0] + seconds, row[1] + 1, row[2] + op_flops(func, args, kwargs, out)
+        return out
+
+
+def op_times(run, cfg, data, device, iters):
+    """`iters` more training iterations with every operation timed (OpTimes), as rows per iteration, the
+    slowest first: op, shapes, ms, calls and GFLOP/s (None for operations that count no FLOPs)."""
+    with OpTimes(device) as clock:
+        iterations(run, cfg, data, iters)
+    rows = [dict(op=name, shapes=[list(s) for s in shapes], ms=1000 * t / iters, calls=n / iters,
+                 gflops=f / t / 1e9 if f and t else None) for (name, shapes), (t, n, f) in clock.rows.items()]
+    return sorted(rows, key=lambda r: -r["ms"])
 
 
 def iterations(run, cfg, data, count, processes=1):
@@ -191,14 +237,15 @@ def generation_speed(run, cfg, device):
     return GENERATION_BATCH / timed(generate, device, 2 if device.type == "cpu" else 20)
 
 
-def bench(cfg, iters, warmup):
+def bench(cfg, iters, warmup, top_ops=0):
     """Time training and generation; under torchrun, of all the processes together (each rank's figures
-    combined: the slowest one's time for the global batch, the peaks and generation speeds added up)."""
+    combined: the slowest one's time for the global batch, the peaks and generation speeds added up).
+    top_ops > 0: also time every operation of `iters` more iterations and keep the `top_ops` slowest."""
     with joined(cfg) as (_, processes, device):
-        return bench_on(cfg, iters, warmup, processes, device)
+        return bench_on(cfg, iters, warmup, processes, device, top_ops)
 
 
-def bench_on(cfg, iters, warmup, processes, device):
+def bench_on(cfg, iters, warmup, processes, device, top_ops=0):
     seed_everything(cfg.seed)
     peak = summed_over_processes(lambda: conv_peak_gflops(device), device)
     data = synthetic_data(cfg, max(4 * cfg.batch_size, 64))
@@ -220,6 +267,7 @@ def bench_on(cfg, iters, warmup, processes, device):
     img_per_s = iters * cfg.batch_size / seconds
     flops = training_flops(run, cfg, data, device, processes)
     achieved = img_per_s * flops / 1e9
+    ops = op_times(run, cfg, data, device, iters) if top_ops else None
     return dict(device=describe_device(device), resolution=cfg.resolution, batch_size=cfg.batch_size,
                 channel_base=cfg.channel_base, channel_max=cfg.channel_max, mapping_layers=cfg.mapping_layers,
                 threads=torch.get_num_threads(), processes=processes, iters=iters, amp=run.amp, compile=cfg.compile,
@@ -227,7 +275,21 @@ def bench_on(cfg, iters, warmup, processes, device):
                 img_per_s=img_per_s, sec_per_kimg=1000 / img_per_s, peak_mem_mb=memory, gflop_per_img=flops / 1e9,
                 achieved_gflops=achieved, peak_conv_gflops=peak, fraction_of_peak=achieved / peak,
                 conv_time_share=conv_share, conv_bound_of_peak=achieved / peak / conv_share if conv_share else None,
-                gen_img_per_s=summed_over_processes(lambda: generation_speed(run, cfg, device), device))
+                gen_img_per_s=summed_over_processes(lambda: generation_speed(run, cfg, device), device),
+                **(op_summary(ops, top_ops, 1000 * seconds / iters) if ops else {}))
+
+
+def op_summary(rows, top, ms_per_iter):
+    """--op-times' figures: the `top` slowest rows, the same summed by operation, their total time per
+    iteration, and the timed iterations' own time per iteration (measured without the per-op clock)."""
+    by_op = {}
+    for r in rows:
+        t = by_op.setdefault(r["op"], dict(op=r["op"], ms=0.0, calls=0.0, gflop=0.0))
+        t["ms"], t["calls"] = t["ms"] + r["ms"], t["calls"] + r["calls"]
+        t["gflop"] += (r["gflops"] or 0) * r["ms"] / 1000
+    by_op = [dict(t, gflops=t.pop("gflop") / t["ms"] * 1000 or None) for t in by_op.values()]
+    return dict(op_ms_per_iter=sum(r["ms"] for r in rows), iter_ms=ms_per_iter,
+                ops_by_name=sorted(by_op, key=lambda r: -r["ms"])[:top], ops_by_shape=rows[:top])
 
 
 def report(r):
@@ -244,7 +306,20 @@ def report(r):
             f"{f' ({n} processes timing theirs at once, added up)' if n > 1 else ''}\n"
             + (f"  convs       {100 * r['conv_time_share']:.0f}% of the training time: with the rest taking none, "
                f"{100 * r['conv_bound_of_peak']:.0f}% of the peak\n" if r["conv_time_share"] else "") +
-            f"  generation  {r['gen_img_per_s']:.1f} img/s at batch {GENERATION_BATCH}{' in each' if n > 1 else ''}")
+            f"  generation  {r['gen_img_per_s']:.1f} img/s at batch {GENERATION_BATCH}{' in each' if n > 1 else ''}"
+            + (op_report(r) if "op_ms_per_iter" in r else ""))
+
+
+def op_report(r):
+    """--op-times' tables: time per iteration, its share of the operations' total, GFLOP/s, calls."""
+    def line(x, label):
+        gflops = f"{x['gflops']:8.1f}" if x["gflops"] else "       -"
+        return f"\n  {x['ms']:9.2f} {100 * x['ms'] / r['op_ms_per_iter']:5.1f}% {gflops} {x['calls']:8.2f}  {label}"
+    head = "\n      ms/iter share  GFLOP/s calls/it  by operation"
+    return (f"\noperations, each timed on its own: {r['op_ms_per_iter']:.0f} ms per iteration in them "
+            f"({r['iter_ms']:.0f} ms per iteration untimed)" + head
+            + "".join(line(x, x["op"]) for x in r["ops_by_name"]) + head + " and input shapes"
+            + "".join(line(x, f"{x['op']} {' '.join(str(tuple(s)) for s in x['shapes'])}") for x in r["ops_by_shape"]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -424,13 +499,35 @@ def node_report(s):
     return "\n".join(lines)
 
 
+def own_processes(opts):
+    """The given flags that make bench.py start processes of its own."""
+    return [f for f in ("against", "check_node", "check_tiny") if getattr(opts, f, None) not in (None, False)]
+
+
+def checked_op_times(opts, cfg):
+    """--op-times' N (0 without it), refused where the operations cannot be timed one by one."""
+    top = getattr(opts, "op_times", None)
+    if top is None:
+        return 0
+    if top < 1:
+        raise UserError(f"--op-times must be >= 1, got {top}")
+    if cfg.compile:
+        raise UserError("--op-times times the operations of eager training: leave out --compile")
+    if launched_processes() > 1:
+        raise UserError("--op-times times one process: run bench.py without torchrun")
+    return top
+
+
 @command
 def main(argv=None):
     given, opts = parse_settings(argv, "", __doc__, EXTRA_FLAGS)
     if getattr(opts, "against", None) is not None and (getattr(opts, "check_node", False)
                                                        or getattr(opts, "check_tiny", False)):
         raise UserError("--against benches training; it does not combine with --check-node or --check-tiny")
-    own = [f for f in ("against", "check_node", "check_tiny") if getattr(opts, f, None) not in (None, False)]
+    if getattr(opts, "op_times", None) is not None and own_processes(opts):
+        raise UserError(f"--op-times times this tree's training in this process; it does not combine with "
+                        f"--{own_processes(opts)[0].replace('_', '-')}")
+    own = own_processes(opts)
     if own and launched_processes() > 1:
         raise UserError(f"--{own[0].replace('_', '-')} starts processes of its own: run bench.py without torchrun")
     if getattr(opts, "check_node", False) or getattr(opts, "check_tiny", False):
@@ -449,7 +546,7 @@ def main(argv=None):
         c = compare([a for a in args if a != "--json"], rev, rounds or ROUNDS)
         print(json.dumps(c) if getattr(opts, "json", False) else compare_report(c))
         return 0
-    results = bench(cfg, iters, warmup)
+    results = bench(cfg, iters, warmup, checked_op_times(opts, cfg))
     print(json.dumps(results) if getattr(opts, "json", False) else report(results))
     return 0
 

@@ -132,6 +132,40 @@ def test_bench_under_torchrun_refuses_the_flags_that_start_their_own_processes(c
     assert_user_error(capsys, bench.main(flags), f"{flags[0]} starts processes of its own", "without torchrun")
 
 
+def test_op_times_add_up_to_the_model_flops_and_list_the_slowest_first(capsys):
+    assert bench.main(["--preset", "smoke", "--batch-size", "4", "--iters", "4", "--warmup", "1", "--json",
+                       "--device", "cpu", "--winograd", "off", "--op-times", "100000"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    rows, by_name = r["ops_by_shape"], r["ops_by_name"]
+    assert [x["ms"] for x in rows] == sorted((x["ms"] for x in rows), reverse=True)
+    assert sum(x["ms"] for x in rows) == pytest.approx(r["op_ms_per_iter"]) and r["iter_ms"] > 0
+    # an iteration's FLOPs, op by op, are the model FLOPs bench counts per image times the batch (other
+    # iterations of the same cycle: a few FLOPs differ)
+    gflop_per_iter = sum(x["gflops"] * x["ms"] / 1000 for x in rows if x["gflops"])
+    assert gflop_per_iter == pytest.approx(r["gflop_per_img"] * 4, rel=1e-3)
+    assert sum((x["gflops"] or 0) * x["ms"] / 1000 for x in by_name) == pytest.approx(gflop_per_iter, rel=1e-6)
+    for op in by_name:
+        assert op["ms"] == pytest.approx(sum(x["ms"] for x in rows if x["op"] == op["op"]))
+        assert op["calls"] == pytest.approx(sum(x["calls"] for x in rows if x["op"] == op["op"]))
+    names = {x["op"]: x for x in by_name}
+    assert names["convolution"]["gflops"] > 0 and names["mul"]["gflops"] is None
+    assert names["convolution_backward"]["calls"] > names["convolution"]["calls"] / 2  # G's and D's backward
+    text = bench.report(dict(r, ops_by_name=by_name[:2], ops_by_shape=rows[:3]))
+    by_op_text, by_shape_text = text.split("operations, each timed")[1].split("by operation and input shapes")
+    assert by_op_text.count("%") == 2 and by_shape_text.count("%") == 3
+
+
+@pytest.mark.parametrize("flags,message", [(["--op-times", "0"], "--op-times must be >= 1, got 0"),
+                                           (["--op-times", "3", "--compile"], "leave out --compile"),
+                                           (["--op-times", "3", "--against", "HEAD"], "--against"),
+                                           (["--op-times", "3", "torchrun"], "without torchrun")])
+def test_op_times_refuses_what_it_cannot_time(capsys, monkeypatch, flags, message):
+    if "torchrun" in flags:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        flags = flags[:-1]
+    assert_user_error(capsys, bench.main(["--preset", "smoke", "--device", "cpu", *flags]), message)
+
+
 def test_bench_bad_iters(capsys):
     assert_user_error(capsys, bench.main(["--preset", "smoke", "--iters", "0"]), "--iters")
 
