@@ -287,9 +287,11 @@ def op_summary(rows, top, ms_per_iter):
         t = by_op.setdefault(r["op"], dict(op=r["op"], ms=0.0, calls=0.0, gflop=0.0))
         t["ms"], t["calls"] = t["ms"] + r["ms"], t["calls"] + r["calls"]
         t["gflop"] += (r["gflops"] or 0) * r["ms"] / 1000
-    by_op = [dict(t, gflops=t.pop("gflop") / t["ms"] * 1000 or None) for t in by_op.values()]
+    for t in by_op.values():
+        gflop = t.pop("gflop")
+        t["gflops"] = gflop / t["ms"] * 1000 if gflop and t["ms"] else None
     return dict(op_ms_per_iter=sum(r["ms"] for r in rows), iter_ms=ms_per_iter,
-                ops_by_name=sorted(by_op, key=lambda r: -r["ms"])[:top], ops_by_shape=rows[:top])
+                ops_by_name=sorted(by_op.values(), key=lambda r: -r["ms"])[:top], ops_by_shape=rows[:top])
 
 
 def report(r):
@@ -524,10 +526,10 @@ def main(argv=None):
     if getattr(opts, "against", None) is not None and (getattr(opts, "check_node", False)
                                                        or getattr(opts, "check_tiny", False)):
         raise UserError("--against benches training; it does not combine with --check-node or --check-tiny")
-    if getattr(opts, "op_times", None) is not None and own_processes(opts):
-        raise UserError(f"--op-times times this tree's training in this process; it does not combine with "
-                        f"--{own_processes(opts)[0].replace('_', '-')}")
     own = own_processes(opts)
+    if getattr(opts, "op_times", None) is not None and own:
+        raise UserError(f"--op-times times this tree's training in this process; it does not combine with "
+                        f"--{own[0].replace('_', '-')}")
     if own and launched_processes() > 1:
         raise UserError(f"--{own[0].replace('_', '-')} starts processes of its own: run bench.py without torchrun")
     if getattr(opts, "check_node", False) or getattr(opts, "check_tiny", False):
