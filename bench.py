@@ -14,8 +14,8 @@ same preset and setting flags as train.py, plus --iters, --warmup and --json.
 
     python bench.py --preset demo256 --op-times 20      # where a step's time goes
 
---op-times N then runs --iters more iterations with every operation timed on its own (its kernel's time,
-without what runs between operations) and lists the N slowest: by operation, and by operation and the shapes
+--op-times N then runs --iters more iterations with every operation timed on its own (Python and autograd
+between the operations are not in it) and lists the N slowest: by operation, and by operation and the shapes
 of its inputs, each with its share and, for convolutions and matrix products, its GFLOP/s.
 
     python bench.py --preset demo256 --against HEAD~3   # this tree against an earlier revision
